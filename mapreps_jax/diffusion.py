@@ -1,0 +1,199 @@
+"""VP / DDPM diffusion: beta schedules, ``alpha_bar`` at integer and real time, Tweedie, re-noising, DDPM/DDIM steps.
+
+Conventions (``CONVENTIONS.md``):
+
+* discrete index ``t in {0, ..., T-1}``, ``alpha_bar[t] = prod_{s<=t} (1 - beta_s)`` and ``alpha_bar[-1] := 1``
+  (clean signal);
+* real time: ``alpha_bar(t)`` for ``t in [-1, T-1]`` interpolates ``log alpha_bar`` linearly between integer steps
+  of the extended grid ``[-1, 0, ..., T-1]``; integer inputs give the discrete values exactly, and the function is
+  differentiable in ``t`` (so ``t0``/``t1`` can be differentiated);
+* Tweedie: ``x0_hat = (x_t - sqrt(1 - a) eps) / sqrt(a)``, ``a = alpha_bar(t)``.
+
+A :class:`Schedule` is a pytree of arrays (a leaf, not a constant baked into a jitted function), so it can be passed
+through ``jit``/``vmap`` and, e.g., differentiated with respect to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "Schedule",
+    "make_schedule",
+    "linear_betas",
+    "scaled_linear_betas",
+    "ldm_linear_betas",
+    "alpha_bar",
+    "tweedie",
+    "eps_from_x0",
+    "renoise",
+    "ddim_sigma",
+    "ddim_step",
+    "posterior_variance",
+    "learned_range_std",
+]
+
+
+def linear_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2) -> np.ndarray:
+    """ADM / DDPM linear schedule: ``beta = linspace(beta_start, beta_end, T)`` (float64)."""
+    return np.linspace(beta_start, beta_end, T, dtype=np.float64)
+
+
+def scaled_linear_betas(T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> np.ndarray:
+    """Stable Diffusion "scaled linear": ``beta = linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2``."""
+    return np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
+
+
+def ldm_linear_betas(T: int = 1000, beta_start: float = 0.0015, beta_end: float = 0.0195) -> np.ndarray:
+    """CompVis LDM "linear": ``beta = linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2``."""
+    return np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
+
+
+_BETA_FNS = {
+    "linear": linear_betas,
+    "scaled_linear": scaled_linear_betas,
+    "ldm_linear": ldm_linear_betas,
+}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Discrete VP schedule (a pytree).
+
+    Attributes:
+      betas: ``[T]`` float32, ``beta_t``.
+      alpha_bar_ext: ``[T + 1]`` float32, ``alpha_bar`` on the extended grid ``[-1, 0, ..., T-1]``
+        (``alpha_bar_ext[0] = 1``, ``alpha_bar_ext[t + 1] = alpha_bar[t]``).
+      log_alpha_bar_ext: ``[T + 1]`` float32, its logarithm (computed in float64, then rounded).
+    """
+
+    betas: jax.Array
+    alpha_bar_ext: jax.Array
+    log_alpha_bar_ext: jax.Array
+
+    @property
+    def T(self) -> int:
+        return int(self.betas.shape[-1])
+
+    @property
+    def alpha_bars(self) -> jax.Array:
+        """``alpha_bar[t]`` for ``t = 0..T-1``."""
+        return self.alpha_bar_ext[1:]
+
+    def __call__(self, t) -> jax.Array:
+        return alpha_bar(self, t)
+
+
+def make_schedule(kind: str = "linear", T: int = 1000, **kwargs) -> Schedule:
+    """Build a :class:`Schedule`: ``kind`` in ``{"linear", "scaled_linear", "ldm_linear"}`` (see module doc)."""
+    if kind not in _BETA_FNS:
+        raise ValueError(f"make_schedule: unknown schedule kind {kind!r}; expected one of {sorted(_BETA_FNS)}")
+    if not isinstance(T, (int, np.integer)) or T < 2:
+        raise ValueError(f"make_schedule: T must be an integer >= 2, got {T!r}")
+    betas = _BETA_FNS[kind](int(T), **kwargs)
+    log_ab = np.concatenate([[0.0], np.cumsum(np.log1p(-betas))])
+    return Schedule(
+        betas=jnp.asarray(betas, jnp.float32),
+        alpha_bar_ext=jnp.asarray(np.exp(log_ab), jnp.float32),
+        log_alpha_bar_ext=jnp.asarray(log_ab, jnp.float32),
+    )
+
+
+def alpha_bar(schedule: Schedule, t) -> jax.Array:
+    """``alpha_bar(t)`` for integer or real ``t in [-1, T-1]`` (array of any shape).
+
+    Integer dtypes index the table exactly. Real ``t`` interpolates ``log alpha_bar`` linearly between
+    ``floor(t)`` and ``floor(t) + 1`` on the extended grid: exact at integers and differentiable in ``t``.
+    Values outside ``[-1, T-1]`` are clamped.
+    """
+    t = jnp.asarray(t)
+    T = schedule.T
+    if jnp.issubdtype(t.dtype, jnp.integer):
+        idx = jnp.clip(t + 1, 0, T)
+        return schedule.alpha_bar_ext[idx]
+    s = jnp.clip(t.astype(jnp.float32) + 1.0, 0.0, float(T))
+    lo = jnp.clip(jnp.floor(s), 0.0, float(T - 1))
+    frac = s - lo
+    lo_i = lo.astype(jnp.int32)
+    la = schedule.log_alpha_bar_ext
+    return jnp.exp(la[lo_i] * (1.0 - frac) + la[lo_i + 1] * frac)
+
+
+def _bcast(a, x):
+    """Broadcast a per-sample scalar array ``a`` (shape ``[]`` or ``[B]``) against ``x`` of shape ``[B, ...]``."""
+    a = jnp.asarray(a, x.dtype)
+    return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
+
+
+def tweedie(x_t, eps, a, clip: bool = False):
+    """``x0_hat = (x_t - sqrt(1 - a) eps) / sqrt(a)``, optionally clipped to [-1, 1]. ``a`` per sample."""
+    a = _bcast(a, x_t)
+    x0 = (x_t - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
+    return jnp.clip(x0, -1.0, 1.0) if clip else x0
+
+
+def eps_from_x0(x_t, x0, a):
+    """Inverse of Tweedie: ``eps = (x_t - sqrt(a) x0) / sqrt(1 - a)``."""
+    a = _bcast(a, x_t)
+    return (x_t - jnp.sqrt(a) * x0) / jnp.sqrt(1.0 - a)
+
+
+def renoise(key, x, a):
+    """``sqrt(a) x + sqrt(1 - a) z``, ``z ~ N(0, I)``: the forward diffusion to the level ``a = alpha_bar(t)``."""
+    a = _bcast(a, x)
+    return jnp.sqrt(a) * x + jnp.sqrt(1.0 - a) * jax.random.normal(key, x.shape, x.dtype)
+
+
+def ddim_sigma(a_i, a_j, eta=1.0):
+    """DDIM noise std from level ``a_i`` to ``a_j`` (``a_j >= a_i``):
+    ``s = eta * sqrt((1 - a_j) / (1 - a_i)) * sqrt(1 - a_i / a_j)``. ``eta = 1`` gives the DDPM posterior std
+    ``sqrt(beta_tilde)`` on adjacent steps."""
+    return eta * jnp.sqrt((1.0 - a_j) / (1.0 - a_i)) * jnp.sqrt(jnp.clip(1.0 - a_i / a_j, 0.0, None))
+
+
+def ddim_step(key, x0_hat, eps_hat, a_j, s):
+    """One DDPM/DDIM step to level ``a_j``:
+    ``x_j = sqrt(a_j) x0_hat + sqrt(1 - a_j - s^2) eps_hat + s z``.
+
+    ``s`` is the step's noise std (per sample or scalar): :func:`ddim_sigma` for DDIM(eta), or
+    :func:`learned_range_std` for a network with learned variance. With ``eps_hat`` re-derived from the
+    (possibly clipped) ``x0_hat`` by :func:`eps_from_x0`, ``eta = 1`` is exactly the DDPM posterior mean
+    ``mu = sqrt(a_j) beta_i / (1 - a_i) x0 + sqrt(alpha_i) (1 - a_j) / (1 - a_i) x_i`` plus ``s z``.
+    ``key`` may be ``None`` for a deterministic step (then ``s`` must be 0).
+    """
+    a_j = _bcast(a_j, x0_hat)
+    s = _bcast(s, x0_hat)
+    mean = jnp.sqrt(a_j) * x0_hat + jnp.sqrt(jnp.clip(1.0 - a_j - s**2, 0.0, None)) * eps_hat
+    if key is None:
+        return mean
+    return mean + s * jax.random.normal(key, x0_hat.shape, x0_hat.dtype)
+
+
+def posterior_variance(schedule: Schedule, i):
+    """DDPM posterior variance ``beta_tilde_i = beta_i (1 - a_{i-1}) / (1 - a_i)`` at integer step ``i``."""
+    i = jnp.asarray(i, jnp.int32)
+    a_i = alpha_bar(schedule, i)
+    a_j = alpha_bar(schedule, i - 1)
+    return schedule.betas[i] * (1.0 - a_j) / (1.0 - a_i)
+
+
+def learned_range_std(schedule: Schedule, i, v):
+    """Learned-range std of the ADM ("learn_sigma") networks at integer step ``i``.
+
+    ``log var = f log(beta_i) + (1 - f) log(beta_tilde_clipped_i)``, ``f = (v + 1) / 2``, where ``v`` in [-1, 1]
+    are the network's variance channels and ``beta_tilde_clipped_0 := beta_tilde_1`` (the DDPM log-variance
+    clipping). Returns ``exp(0.5 log var)`` with the shape of ``v``.
+    """
+    i = jnp.asarray(i, jnp.int32)
+    bt = posterior_variance(schedule, jnp.maximum(i, 1))  # clipped at i = 0
+    log_max = jnp.log(schedule.betas[i])
+    log_min = jnp.log(bt)
+    f = (v + 1.0) / 2.0
+    log_min = _bcast(log_min, v)
+    log_max = _bcast(log_max, v)
+    return jnp.exp(0.5 * (f * log_max + (1.0 - f) * log_min))
+

@@ -1,0 +1,91 @@
+"""The score-model contract shared by exact priors and neural networks.
+
+A score network is a pure function ``eps_fn(params, x_t, t, cond=None) -> eps`` (epsilon prediction):
+
+* ``x_t``: ``[B, *event_shape]`` float (images: ``[B, H, W, C]`` in [-1, 1] units at ``t = -1``);
+* ``t``: scalar or ``[B]``; integer step indices or real times in ``[-1, T-1]`` (see :mod:`mapreps_jax.diffusion`);
+* ``cond``: optional conditioning pytree (a caption embedding, or the measurement ``y`` for the exact
+  diffused-posterior "oracle" model of the testbed);
+* returns ``eps`` with the shape of ``x_t``.
+
+:class:`ScoreModel` bundles such a function (static) with its ``params`` and :class:`~mapreps_jax.diffusion.Schedule`
+(both pytree leaves, so a jitted algorithm takes them as arguments, never as baked-in constants). Networks that also
+predict a variance (ADM ``learn_sigma``) supply ``var_fn``-style output through ``apply``: ``apply`` returns either
+``eps`` or a tuple ``(eps, v)`` with ``v`` in [-1, 1] (the learned-range interpolation weight channels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from .diffusion import Schedule, alpha_bar
+
+__all__ = ["ScoreModel"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ScoreModel:
+    """An epsilon-prediction model on a VP schedule (a pytree: ``params`` and ``schedule`` are leaves).
+
+    Attributes:
+      params: the network's (or exact prior's) parameters.
+      schedule: the diffusion schedule the model was trained on.
+      apply: static ``apply(params, x_t, t, cond) -> eps`` or ``-> (eps, v)`` when ``learned_variance``.
+      learned_variance: static; whether ``apply`` also returns learned-range variance channels.
+      name: static, for messages.
+    """
+
+    params: Any
+    schedule: Schedule
+    apply: Callable = dataclasses.field(metadata=dict(static=True))
+    learned_variance: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    name: str = dataclasses.field(default="model", metadata=dict(static=True))
+
+    @property
+    def T(self) -> int:
+        return self.schedule.T
+
+    def alpha_bar(self, t) -> jax.Array:
+        return alpha_bar(self.schedule, t)
+
+    def eps_and_var(self, x_t, t, cond=None):
+        """``(eps, v)``; ``v`` is ``None`` for a model without learned variance."""
+        t = jnp.asarray(t)
+        out = self.apply(self.params, x_t, t, cond)
+        if self.learned_variance:
+            eps, v = out
+            return eps, v
+        return out, None
+
+    def eps(self, x_t, t, cond=None):
+        """``eps_fn(params, x_t, t, cond)``: the epsilon prediction only."""
+        return self.eps_and_var(x_t, t, cond)[0]
+
+    def eps_fn(self) -> Callable:
+        """The bare contract ``eps_fn(params, x_t, t, cond=None)`` of this model."""
+
+        def eps_fn(params, x_t, t, cond=None):
+            return dataclasses.replace(self, params=params).eps(x_t, t, cond)
+
+        return eps_fn
+
+
+def from_eps_fn(eps_fn: Callable, params: Any, schedule: Schedule, name: str = "model",
+                var_fn: Optional[Callable] = None) -> ScoreModel:
+    """Wrap a bare ``eps_fn(params, x_t, t, cond=None)`` (and optionally ``var_fn`` with the same signature,
+    returning the learned-range channels ``v``) into a :class:`ScoreModel`."""
+    if var_fn is None:
+        return ScoreModel(params=params, schedule=schedule, apply=eps_fn, learned_variance=False, name=name)
+
+    def apply(p, x, t, cond=None):
+        return eps_fn(p, x, t, cond), var_fn(p, x, t, cond)
+
+    return ScoreModel(params=params, schedule=schedule, apply=apply, learned_variance=True, name=name)
+
+
+__all__.append("from_eps_fn")
