@@ -27,6 +27,8 @@ __all__ = [
     "scaled_linear_betas",
     "ldm_linear_betas",
     "alpha_bar",
+    "log_alpha_bar",
+    "ddim_sigma_log",
     "tweedie",
     "eps_from_x0",
     "renoise",
@@ -69,11 +71,14 @@ class Schedule:
       alpha_bar_ext: ``[T + 1]`` float32, ``alpha_bar`` on the extended grid ``[-1, 0, ..., T-1]``
         (``alpha_bar_ext[0] = 1``, ``alpha_bar_ext[t + 1] = alpha_bar[t]``).
       log_alpha_bar_ext: ``[T + 1]`` float32, its logarithm (computed in float64, then rounded).
+      posterior_var: ``[T]`` float32, ``beta_tilde_t = beta_t (1 - a_{t-1}) / (1 - a_t)`` (computed in float64;
+        ``beta_tilde_0 = 0``).
     """
 
     betas: jax.Array
     alpha_bar_ext: jax.Array
     log_alpha_bar_ext: jax.Array
+    posterior_var: jax.Array
 
     @property
     def T(self) -> int:
@@ -96,10 +101,13 @@ def make_schedule(kind: str = "linear", T: int = 1000, **kwargs) -> Schedule:
         raise ValueError(f"make_schedule: T must be an integer >= 2, got {T!r}")
     betas = _BETA_FNS[kind](int(T), **kwargs)
     log_ab = np.concatenate([[0.0], np.cumsum(np.log1p(-betas))])
+    one_minus = -np.expm1(log_ab)  # 1 - alpha_bar on the extended grid, without cancellation
+    post_var = betas * one_minus[:-1] / one_minus[1:]
     return Schedule(
         betas=jnp.asarray(betas, jnp.float32),
         alpha_bar_ext=jnp.asarray(np.exp(log_ab), jnp.float32),
         log_alpha_bar_ext=jnp.asarray(log_ab, jnp.float32),
+        posterior_var=jnp.asarray(post_var, jnp.float32),
     )
 
 
@@ -111,16 +119,24 @@ def alpha_bar(schedule: Schedule, t) -> jax.Array:
     Values outside ``[-1, T-1]`` are clamped.
     """
     t = jnp.asarray(t)
-    T = schedule.T
     if jnp.issubdtype(t.dtype, jnp.integer):
-        idx = jnp.clip(t + 1, 0, T)
-        return schedule.alpha_bar_ext[idx]
+        return schedule.alpha_bar_ext[jnp.clip(t + 1, 0, schedule.T)]
+    return jnp.exp(log_alpha_bar(schedule, t))
+
+
+def log_alpha_bar(schedule: Schedule, t) -> jax.Array:
+    """``log alpha_bar(t)`` (same interpolation as :func:`alpha_bar`); use it where ``1 - alpha_bar`` is needed
+    to full float32 precision near ``t = 0`` (``1 - a = -expm1(log a)``)."""
+    t = jnp.asarray(t)
+    T = schedule.T
+    la = schedule.log_alpha_bar_ext
+    if jnp.issubdtype(t.dtype, jnp.integer):
+        return la[jnp.clip(t + 1, 0, T)]
     s = jnp.clip(t.astype(jnp.float32) + 1.0, 0.0, float(T))
     lo = jnp.clip(jnp.floor(s), 0.0, float(T - 1))
     frac = s - lo
     lo_i = lo.astype(jnp.int32)
-    la = schedule.log_alpha_bar_ext
-    return jnp.exp(la[lo_i] * (1.0 - frac) + la[lo_i + 1] * frac)
+    return la[lo_i] * (1.0 - frac) + la[lo_i + 1] * frac
 
 
 def _bcast(a, x):
@@ -146,6 +162,13 @@ def renoise(key, x, a):
     """``sqrt(a) x + sqrt(1 - a) z``, ``z ~ N(0, I)``: the forward diffusion to the level ``a = alpha_bar(t)``."""
     a = _bcast(a, x)
     return jnp.sqrt(a) * x + jnp.sqrt(1.0 - a) * jax.random.normal(key, x.shape, x.dtype)
+
+
+def ddim_sigma_log(la_i, la_j, eta=1.0):
+    """:func:`ddim_sigma` from ``log alpha_bar`` values, free of the cancellation in ``1 - a`` near ``a = 1``:
+    ``s = eta * sqrt(expm1(la_j) / expm1(la_i)) * sqrt(-expm1(la_i - la_j))``."""
+    ratio = jnp.where(la_i < 0, jnp.expm1(la_j) / jnp.where(la_i < 0, jnp.expm1(la_i), -1.0), 0.0)
+    return eta * jnp.sqrt(ratio) * jnp.sqrt(jnp.clip(-jnp.expm1(la_i - la_j), 0.0, None))
 
 
 def ddim_sigma(a_i, a_j, eta=1.0):
@@ -175,10 +198,7 @@ def ddim_step(key, x0_hat, eps_hat, a_j, s):
 
 def posterior_variance(schedule: Schedule, i):
     """DDPM posterior variance ``beta_tilde_i = beta_i (1 - a_{i-1}) / (1 - a_i)`` at integer step ``i``."""
-    i = jnp.asarray(i, jnp.int32)
-    a_i = alpha_bar(schedule, i)
-    a_j = alpha_bar(schedule, i - 1)
-    return schedule.betas[i] * (1.0 - a_j) / (1.0 - a_i)
+    return schedule.posterior_var[jnp.asarray(i, jnp.int32)]
 
 
 def learned_range_std(schedule: Schedule, i, v):

@@ -1,0 +1,131 @@
+"""Baselines users compare MAP-RPS against (``ALGORITHMS.md`` section 5).
+
+* :func:`dps`: DPS from ``N(0, I)`` at ``T - 1`` over all ``T`` steps (NFE ``T``, each a forward + VJP);
+  ``n_steps=K`` gives DPS-S (K-step sub-grid), ``noise_scale=lambda`` VSDPS, :func:`dps_average` DPS-A.
+* :func:`ccdf`: RPS started from ``A_pinv(y)`` instead of the MAP estimate (CCDF-style "come closer").
+* :func:`red_diff`: RED-diff (Mardani et al. 2023), a variational optimisation of ``mu``:
+  ``x_t = sqrt(a) mu + sqrt(1-a) eps``, ``e = sg(eps_fn(x_t, t))`` and one Adam step on
+  ``mean((y - A mu)^2)/2 + lambda w(t) mean(sg(e - eps) * mu)`` for each ``t`` of a descending grid of ``S`` steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from .model import ScoreModel
+from .rps_stage import reverse_loop, rps, subgrid_times
+from .samplers import DPSStep
+from .validation import check_measurement
+
+__all__ = ["dps", "dps_average", "ccdf", "red_diff", "REDDiffConfig", "RED_DIFF_WEIGHTINGS", "red_diff_weight"]
+
+
+def dps(key, model: ScoreModel, op, y, *, sampler=None, cond=None, n_steps: Optional[int] = None,
+        zeta=1.0, noise_scale=1.0, clip: bool = True):
+    """DPS: ``x_{T-1} ~ N(0, I)``, then the DPS step for all ``T`` steps (or a ``K``-step sub-grid: DPS-S).
+
+    ``sampler`` overrides the default ``DPSStep(zeta, noise_scale=noise_scale, clip=clip)``; ``noise_scale < 1`` is
+    VSDPS. Returns ``[B, *op.in_shape]``.
+    """
+    y = check_measurement(op, y, "dps")
+    if sampler is None:
+        sampler = DPSStep(zeta=zeta, noise_scale=noise_scale, clip=clip)
+    k0, k1 = jax.random.split(key)
+    x = jax.random.normal(k0, (y.shape[0],) + tuple(op.in_shape), jnp.float32)
+    return reverse_loop(k1, model, op, y, x, model.T - 1, sampler=sampler, cond=cond, n_steps=n_steps)
+
+
+def dps_average(key, model: ScoreModel, op, y, n_samples: int, **kwargs):
+    """DPS-A: the average of ``n_samples`` independent DPS outputs (a ``lax.map`` over keys)."""
+    keys = jax.random.split(key, int(n_samples))
+    outs = jax.lax.map(lambda k: dps(k, model, op, y, **kwargs), keys)
+    return jnp.mean(outs, axis=0)
+
+
+def ccdf(key, model: ScoreModel, op, y, t0, *, sampler=DPSStep(), cond=None, n_steps: Optional[int] = None,
+         max_steps: Optional[int] = None):
+    """CCDF-style RPS: :func:`~mapreps_jax.rps_stage.rps` from ``op.x_init(y)`` (``A_pinv y``)."""
+    y = check_measurement(op, y, "ccdf")
+    return rps(key, model, op, y, op.x_init(y), t0, sampler=sampler, cond=cond, n_steps=n_steps,
+               max_steps=max_steps)
+
+
+RED_DIFF_WEIGHTINGS = ("linear", "sqrt", "square", "log", "clip", "const")
+
+
+def red_diff_weight(a, weighting: str = "linear"):
+    """RED-diff's weight of the regulariser at level ``a``; base ``r = sqrt(1 - a)/sqrt(a)`` (inverse SNR^1/2):
+    linear ``r``, sqrt ``sqrt(r)``, square ``r^2``, log ``log(1 + r)``, clip ``min(r, 1)``, const ``1``."""
+    r = jnp.sqrt(1.0 - a) / jnp.sqrt(a)
+    if weighting == "linear":
+        return r
+    if weighting == "sqrt":
+        return jnp.sqrt(r)
+    if weighting == "square":
+        return r * r
+    if weighting == "log":
+        return jnp.log1p(r)
+    if weighting == "clip":
+        return jnp.minimum(r, 1.0)
+    if weighting == "const":
+        return jnp.ones_like(r)
+    raise ValueError(f"red_diff: unknown weighting {weighting!r}; expected one of {RED_DIFF_WEIGHTINGS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class REDDiffConfig:
+    """RED-diff hyper-parameters (numbers are traceable leaves; ``n_steps``/``weighting`` static).
+
+    ``lam`` = lambda (0.25), ``lr`` Adam learning rate (0.1..0.5, b1 0.9, b2 0.99), ``n_steps`` S (grid from
+    ``T-1`` to 0), ``weighting`` one of :data:`RED_DIFF_WEIGHTINGS`, ``obs_weight`` the data term's weight (1).
+    """
+
+    lam: Any = 0.25
+    lr: Any = 0.25
+    obs_weight: Any = 1.0
+    n_steps: int = 1000
+    weighting: str = "linear"
+
+    def __post_init__(self):
+        if self.weighting not in RED_DIFF_WEIGHTINGS:
+            raise ValueError(f"REDDiffConfig.weighting: expected one of {RED_DIFF_WEIGHTINGS}, got {self.weighting!r}")
+
+
+jax.tree_util.register_dataclass(REDDiffConfig, data_fields=["lam", "lr", "obs_weight"],
+                                 meta_fields=["n_steps", "weighting"])
+
+
+def red_diff(key, model: ScoreModel, op, y, *, config: REDDiffConfig = REDDiffConfig(), cond=None, x_init=None):
+    """RED-diff (see module doc). Per-image means (so images of a batch do not interact). NFE = ``n_steps``."""
+    y = check_measurement(op, y, "red_diff")
+    mu = op.x_init(y) if x_init is None else jnp.asarray(x_init, jnp.float32)
+    opt = optax.adam(config.lr, b1=0.9, b2=0.99)
+    times, _ = subgrid_times(model.T - 1, config.n_steps)
+    axes_y = tuple(range(1, y.ndim))
+    axes_x = tuple(range(1, mu.ndim))
+
+    def loss_fn(m, e_minus_eps, wt):
+        r = y - op.A(m)
+        fit = jnp.mean(r * r, axis=axes_y) / 2.0
+        reg = jnp.mean(e_minus_eps * m, axis=axes_x)
+        return jnp.sum(config.obs_weight * fit + config.lam * wt * reg)
+
+    def body(carry, inp):
+        m, st = carry
+        k, t = inp
+        a = model.alpha_bar(t)
+        eps = jax.random.normal(jax.random.fold_in(key, k), m.shape, m.dtype)
+        x_t = jnp.sqrt(a) * m + jnp.sqrt(1.0 - a) * eps
+        e = jax.lax.stop_gradient(model.eps(x_t, t, cond))
+        g = jax.grad(loss_fn)(m, e - eps, red_diff_weight(a, config.weighting))
+        upd, st = opt.update(g, st, m)
+        return (optax.apply_updates(m, upd), st), None
+
+    (mu, _), _ = jax.lax.scan(body, (mu, opt.init(mu)), (jnp.arange(config.n_steps), times))
+    return mu
+

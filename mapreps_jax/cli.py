@@ -1,0 +1,221 @@
+"""The ``mapreps`` command line: ``testbed``, ``demo``, ``convert``.
+
+``mapreps testbed ...``  runs an algorithm on an exact prior and prints JSON (:mod:`mapreps_jax.testbed`).
+``mapreps demo ...``     the main job: a D-P sweep, a plot with the ideal curve, and a JSON of the numbers.
+``mapreps convert adm``  converts a public guided-diffusion checkpoint to Flax (:mod:`mapreps_jax.networks.convert`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from typing import List, Optional
+
+__all__ = ["main", "atomic_write_bytes", "atomic_write_text"]
+
+
+def _int_list(s: str) -> List[int]:
+    try:
+        vals = [int(v) for v in s.split(",") if v.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {s!r}")
+    if not vals:
+        raise argparse.ArgumentTypeError(f"expected at least one integer, got {s!r}")
+    return vals
+
+
+def _w_value(s: str):
+    if s == "auto":
+        return s
+    try:
+        float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {s!r}")
+    return s
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _add_testbed_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
+    from .testbed import ALGOS, OPERATORS, PRIORS, TestbedConfig
+
+    c = TestbedConfig()
+    p.add_argument("--prior", choices=PRIORS, default="gaussian",
+                   help="gaussian: N(0, s^2 I) with --scale s; gmm: a seeded Gaussian mixture")
+    p.add_argument("--scale", type=float, default=c.scale, help="prior std s of the Gaussian prior")
+    p.add_argument("--n-components", type=int, default=c.n_components, help="GMM components")
+    p.add_argument("--dim", type=int, default=c.dim, help="dimension d")
+    p.add_argument("--operator", choices=OPERATORS, default=c.operator,
+                   help="mask: keep --keep of the d coordinates; matrix: seeded Gaussian matrix with --rows rows")
+    p.add_argument("--keep", type=int, default=None, help="coordinates kept by the mask (default d/2)")
+    p.add_argument("--rows", type=int, default=None, help="rows of the matrix operator (default d/2)")
+    p.add_argument("--sigma-y", type=float, default=c.sigma_y, help="measurement noise std")
+    if not demo:
+        p.add_argument("--algo", choices=ALGOS, default=c.algo)
+    p.add_argument("--t0", type=_int_list, default=list(c.t0), help="comma-separated re-noising times")
+    p.add_argument("--n-measurements", type=int, default=c.n_measurements)
+    p.add_argument("--seed", type=int, default=c.seed)
+    p.add_argument("--w", type=_w_value, default="auto", help="Stage-1 prior weight or 'auto' (principled)")
+    p.add_argument("--n-iter", type=int, default=c.n_iter, help="Stage-1 AdamW steps N")
+    p.add_argument("--lr", type=float, default=c.lr, help="Stage-1 learning rate")
+    p.add_argument("--lr-min", type=float, default=c.lr_min, help="Stage-1 final learning rate")
+    p.add_argument("--t1", type=float, default=c.t1, help="Stage-1 diffusion time")
+    p.add_argument("--zeta", type=float, default=c.zeta, help="DPS step size (Stage 2 of map-rps, ccdf, dps)")
+
+
+def _config_from_args(args, algo: Optional[str] = None):
+    from .testbed import TestbedConfig
+
+    return TestbedConfig(prior=args.prior, scale=args.scale, n_components=args.n_components, dim=args.dim,
+                         operator=args.operator, keep=args.keep, rows=args.rows, sigma_y=args.sigma_y,
+                         algo=algo or args.algo, t0=tuple(args.t0), n_measurements=args.n_measurements,
+                         seed=args.seed, w=args.w, n_iter=args.n_iter, lr=args.lr, lr_min=args.lr_min,
+                         t1=args.t1, zeta=args.zeta)
+
+
+def _progress_bar(total: int, desc: str, enabled: bool = True):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, leave=True)
+    state = {"n": 0}
+
+    def update(i, n):
+        bar.update(i - state["n"])
+        state["n"] = i
+
+    return bar, update
+
+
+def cmd_testbed(args) -> int:
+    from .testbed import run_testbed
+
+    cfg = _config_from_args(args)
+    bar, upd = _progress_bar(len(cfg.t0), f"testbed {cfg.algo}", enabled=not args.quiet)
+    try:
+        result = run_testbed(cfg, progress=upd)
+    finally:
+        bar.close()
+    text = json.dumps(result, indent=2)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")
+    print(text)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Exact-prior D-P demo: MAP-RPS and oracle MAP-RPS over a t0 sweep, with the ideal curve."""
+    import io
+
+    from .testbed import run_testbed
+
+    os.makedirs(args.out, exist_ok=True)
+    algos = ["map-rps", "oracle-rps"]
+    results = {}
+    bar, _ = _progress_bar(len(algos) * len(args.t0), "demo D-P sweep", enabled=not args.quiet)
+    try:
+        for algo in algos:
+            base = bar.n
+
+            def upd(i, n, base=base):
+                bar.n = base + i
+                bar.refresh()
+
+            results[algo] = run_testbed(_config_from_args(args, algo), progress=upd)
+    finally:
+        bar.close()
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    pts0 = results["map-rps"]["points"]
+    d_star, p_star = pts0[0]["D_star"], pts0[0]["P_star"]
+    P_grid = np.linspace(0.0, max(p_star, max(p["P"] for r in results.values() for p in r["points"])) * 1.05, 200)
+    ax.plot(P_grid, d_star + np.clip(p_star - P_grid, 0, None) ** 2, "k--", label="ideal D-P curve (bound)")
+    for algo, marker in zip(algos, ("o", "s")):
+        pts = results[algo]["points"]
+        ax.plot([p["P"] for p in pts], [p["D"] for p in pts], marker=marker, label=algo)
+        for p in pts:
+            ax.annotate(str(p["t0"]), (p["P"], p["D"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    closed = [p for p in pts0 if p["D_closed"] is not None]
+    if closed:
+        ax.plot([p["P_closed"] for p in closed], [p["D_closed"] for p in closed], ":", color="gray",
+                label="oracle MAP-RPS, closed form")
+    ax.set_xlabel("perception P = W2(outputs, prior)")
+    ax.set_ylabel("distortion D = E|x_hat - x|^2")
+    ax.set_title(f"{args.prior} prior, d={args.dim}, {args.operator}, sigma_y={args.sigma_y}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(os.path.join(args.out, "dp_curve.png"), buf.getvalue())
+    atomic_write_text(os.path.join(args.out, "metrics.json"), json.dumps(results, indent=2) + "\n")
+    print(json.dumps({a: [{k: p[k] for k in ("t0", "D", "P", "D_ideal")} for p in r["points"]]
+                      for a, r in results.items()}, indent=1))
+    print(f"wrote {os.path.join(args.out, 'dp_curve.png')} and {os.path.join(args.out, 'metrics.json')}")
+    return 0
+
+
+def cmd_convert(argv: List[str]) -> int:
+    from .networks.convert import convert_command
+
+    return convert_command(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mapreps", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("testbed", help="run an algorithm on an exact prior; print JSON")
+    _add_testbed_options(p)
+    p.add_argument("--out", default=None, help="also write the JSON to this file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_testbed)
+    p = sub.add_parser("demo", help="the main job: D-P sweep, plot and JSON")
+    _add_testbed_options(p, demo=True)
+    p.add_argument("--out", default="mapreps_demo", help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_demo)
+    sub.add_parser("convert", help="convert a public PyTorch checkpoint (mapreps convert adm --help)", add_help=False)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "convert":
+        return cmd_convert(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"mapreps {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

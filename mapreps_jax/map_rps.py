@@ -1,0 +1,112 @@
+"""MAP-RPS and the distortion-perception (D-P) traversal.
+
+``x_hat(t0) = RPS(MAP(y), t0)`` (``ALGORITHMS.md`` section 3): ``t0 = 0`` is the low-distortion end (the MAP
+estimate itself), ``t0 = T`` is plain DPS. :func:`dp_sweep` runs Stage 1 ONCE and Stage 2 for every ``t0`` with one
+compiled Stage-2 function (``t0`` is traced), so a sweep costs ``NFE = N + sum(t0)`` network evaluations
+(``vectorize=True`` instead evaluates all ``t0`` in one ``vmap``-ed call, costing ``N + len(t0) * max(t0)``).
+The same Stage-2 key is used for every ``t0`` (common random numbers: the curve's points differ by ``t0`` only).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .map_stage import MAPConfig, map_estimate
+from .model import ScoreModel
+from .rps_stage import rps, stage2_nfe
+from .samplers import DPSStep
+from .validation import check_measurement, check_signal
+
+__all__ = ["map_rps", "dp_sweep", "SweepResult", "map_estimate_jit", "rps_jit"]
+
+map_estimate_jit = jax.jit(map_estimate, static_argnames=("return_trace",))
+rps_jit = jax.jit(rps, static_argnames=("n_steps", "continuous", "max_steps"))
+
+
+def map_rps(key, model: ScoreModel, op, y, t0, *, map_config: MAPConfig = MAPConfig(), sampler=DPSStep(),
+            sigma_y=None, cond=None, n_steps: Optional[int] = None, max_steps: Optional[int] = None):
+    """MAP-RPS at one ``t0``: Stage 1 (:func:`~mapreps_jax.map_stage.map_estimate`) then Stage 2
+    (:func:`~mapreps_jax.rps_stage.rps`). Keys: Stage 1 uses ``split(key)[0]``, Stage 2 ``split(key)[1]``."""
+    k1, k2 = jax.random.split(key)
+    x_map = map_estimate(k1, model, op, y, config=map_config, sigma_y=sigma_y, cond=cond)
+    return rps(k2, model, op, y, x_map, t0, sampler=sampler, cond=cond, n_steps=n_steps, max_steps=max_steps)
+
+
+class SweepResult(NamedTuple):
+    """Outputs of :func:`dp_sweep`.
+
+    Attributes:
+      t0: ``[n]`` the re-noising times.
+      x_map: ``[B, *in_shape]`` the Stage-1 estimate (shared by all ``t0``).
+      outputs: ``[n, B, *in_shape]`` MAP-RPS outputs per ``t0``.
+      nfe: dict with ``stage1`` (N), ``stage2`` (list per ``t0``) and ``total`` network evaluations per image.
+      sq_err: ``[n, B]`` summed squared error ``|x_hat - x|^2`` (when ``x_true`` was given, else ``None``).
+      rmse, psnr: ``[n, B]`` image metrics on [0, 1] (when ``x_true`` was given and inputs are images).
+    """
+
+    t0: np.ndarray
+    x_map: Any
+    outputs: Any
+    nfe: dict
+    sq_err: Any = None
+    rmse: Any = None
+    psnr: Any = None
+
+
+def dp_sweep(key, model: ScoreModel, op, y, t0s: Sequence[int], *, map_config: MAPConfig = MAPConfig(),
+             sampler=DPSStep(), sigma_y=None, x_true=None, cond=None, n_steps: Optional[int] = None,
+             vectorize: bool = False, x_map=None, progress=None) -> SweepResult:
+    """D-P traversal: Stage 1 once, Stage 2 for each ``t0`` in ``t0s`` (see module doc).
+
+    ``x_map`` may be given to skip Stage 1 (e.g. CCDF: pass ``op.x_init(y)``). ``progress`` is an optional
+    callable ``progress(i, n)`` called after each ``t0``.
+    """
+    y = check_measurement(op, y, "dp_sweep")
+    t0s = np.asarray([int(t) for t in t0s], np.int32)
+    if t0s.ndim != 1 or t0s.size == 0:
+        raise ValueError(f"dp_sweep: t0s must be a non-empty list of integers, got {t0s!r}")
+    if t0s.min() < 0 or t0s.max() > model.T:
+        raise ValueError(f"dp_sweep: every t0 must be in [0, {model.T}], got {t0s.tolist()}")
+    k1, k2 = jax.random.split(key)
+    if x_map is None:
+        x_map = map_estimate_jit(k1, model, op, y, config=map_config, sigma_y=sigma_y, cond=cond)
+        n1 = int(map_config.n_iter)
+    else:
+        x_map = check_signal(op, x_map, "dp_sweep", "x_map")
+        n1 = 0
+    max_steps = int(t0s.max()) if t0s.max() > 0 else None
+    if vectorize:
+        def one(t0):
+            return rps(k2, model, op, y, x_map, t0, sampler=sampler, cond=cond, n_steps=n_steps,
+                       max_steps=None if n_steps is not None else max_steps)
+
+        outputs = jax.jit(jax.vmap(one))(jnp.asarray(t0s))
+        if progress is not None:
+            progress(len(t0s), len(t0s))
+    else:
+        outs = []
+        for i, t0 in enumerate(t0s):
+            # t0 traced (a jnp scalar): one compiled Stage-2 function serves every t0.
+            outs.append(rps_jit(k2, model, op, y, x_map, jnp.int32(t0), sampler=sampler, cond=cond,
+                                n_steps=n_steps, max_steps=max_steps))
+            if progress is not None:
+                progress(i + 1, len(t0s))
+        outputs = jnp.stack(outs)
+    stage2 = [stage2_nfe(t, n_steps) for t in t0s]
+    nfe = {"stage1": n1, "stage2": stage2, "total": n1 + int(sum(stage2))}
+    if vectorize:
+        nfe["total_vectorized"] = n1 + len(t0s) * (int(n_steps) if n_steps else int(t0s.max()))
+    sq_err = rmse = psnr = None
+    if x_true is not None:
+        x_true = check_signal(op, x_true, "dp_sweep", "x_true")
+        axes = tuple(range(2, outputs.ndim))
+        sq_err = jnp.sum((outputs - x_true[None]) ** 2, axis=axes)
+        if len(op.in_shape) == 3:
+            from .metrics import psnr as _psnr, rmse as _rmse
+            rmse = jax.vmap(lambda o: _rmse(o, x_true))(outputs)
+            psnr = jax.vmap(lambda o: _psnr(o, x_true))(outputs)
+    return SweepResult(t0s, x_map, outputs, nfe, sq_err, rmse, psnr)

@@ -1,0 +1,126 @@
+"""Stage 2 of MAP-RPS: re-noised posterior sampling (RPS).
+
+``RPS(key, x_init, y; t0, sampler)`` (``ALGORITHMS.md`` section 2):
+
+1. ``t0 = 0``: return ``x_init``;
+2. ``x <- sqrt(a) x_init + sqrt(1 - a) z`` with ``a = alpha_bar(t0 - 1)``;
+3. reverse loop with the sampler step: on the full grid ``i = t0-1, ..., 0`` (each step ``i -> i-1``; Stage-2
+   NFE = ``t0``), or on a ``K``-step sub-grid ``tau_k = (t0 - 1)(1 - k/(K-1))``, ``k = 0..K-1``, then to ``-1``
+   (rounded to integers, or real-valued with ``continuous=True``, which makes the output differentiable in ``t0``).
+
+``t0`` is a traced value: one compiled function serves every ``t0`` and can be ``vmap``-ed over a list of them. The
+full-grid loop is a ``lax.scan`` of static length ``max_steps`` (default ``T``, or ``t0`` when ``t0`` is a concrete
+int) whose step is skipped (``lax.cond``) past ``t0``: compile time does not depend on ``t0``; outside ``vmap`` the
+skipped steps cost no network evaluation; under ``vmap`` over ``t0`` every lane runs ``max_steps`` steps, so pass
+``max_steps = max(t0s)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from ._loops import bounded_loop, concrete_int
+from .diffusion import renoise
+from .model import ScoreModel
+from .samplers import DPSStep
+from .validation import check_measurement, check_signal
+
+__all__ = ["rps", "reverse_loop", "subgrid_times", "stage2_nfe"]
+
+
+def subgrid_times(t_start, n_steps: int, continuous: bool = False):
+    """``n_steps`` evaluation times from ``t_start`` down to 0 and their successors (ending at -1).
+
+    Returns ``(times, next_times)``, each ``[n_steps]``: ``times[k] = t_start (1 - k/(K-1))`` (``K = n_steps``),
+    ``next_times[k] = times[k+1]``, ``next_times[-1] = -1``. Integer (rounded) unless ``continuous``.
+    """
+    K = int(n_steps)
+    if K < 1:
+        raise ValueError(f"n_steps must be >= 1, got {n_steps!r}")
+    t_start = jnp.asarray(t_start, jnp.float32)
+    frac = 1.0 - jnp.arange(K, dtype=jnp.float32) / max(K - 1, 1)
+    times = t_start * frac
+    if not continuous:
+        times = jnp.round(times).astype(jnp.int32)
+    nxt = jnp.concatenate([times[1:], jnp.full((1,), -1, times.dtype)])
+    return times, nxt
+
+
+def reverse_loop(key, model: ScoreModel, op, y, x, t_start, *, sampler=DPSStep(), cond=None,
+                 n_steps: Optional[int] = None, continuous: bool = False, max_steps: Optional[int] = None):
+    """Run the sampler from ``x`` at time ``t_start`` down to the clean end (-1).
+
+    Full grid (``n_steps=None``): ``t_start + 1`` steps ``i -> i - 1``, ``i = t_start, ..., 0``.
+    Sub-grid: ``n_steps`` steps on :func:`subgrid_times` (steps whose rounded times coincide are skipped).
+    """
+    if n_steps is None:
+        if continuous:
+            raise ValueError("continuous=True needs n_steps (a fixed number of steps on [0, t0])")
+        t_start = jnp.asarray(t_start, jnp.int32)
+        n = t_start + 1
+        ts = concrete_int(t_start)
+        max_n = max_steps if max_steps is not None else (None if ts is not None else model.T)
+
+        def body(k, xx):
+            i = t_start - k
+            return sampler.step(jax.random.fold_in(key, k), model, op, y, xx, i, i - 1, cond)
+
+        return bounded_loop(body, x, n if ts is None else ts + 1, max_n)
+
+    times, nxt = subgrid_times(t_start, n_steps, continuous)
+
+    def scan_body(xx, inp):
+        k, t, tn = inp
+        active = tn < t
+        xx = jax.lax.cond(active,
+                          lambda v: sampler.step(jax.random.fold_in(key, k), model, op, y, v, t, tn, cond),
+                          lambda v: v, xx)
+        return xx, None
+
+    x, _ = jax.lax.scan(scan_body, x, (jnp.arange(int(n_steps)), times, nxt))
+    return x
+
+
+def rps(key, model: ScoreModel, op, y, x_init, t0, *, sampler=DPSStep(), cond=None, n_steps: Optional[int] = None,
+        continuous: bool = False, max_steps: Optional[int] = None):
+    """Stage 2: re-noise ``x_init`` to ``alpha_bar(t0 - 1)`` and sample back to 0 (see module doc).
+
+    Args:
+      key: PRNG key.
+      model, op, y: the prior, the forward operator, the measurements ``[B, *op.out_shape]``.
+      x_init: ``[B, *op.in_shape]`` starting estimate (the MAP estimate in MAP-RPS; ``A_pinv y`` in CCDF).
+      t0: re-noising time in ``{0, ..., T}`` (traced; real-valued with ``continuous=True``). ``0`` returns ``x_init``.
+      sampler: step rule (:class:`~mapreps_jax.samplers.DPSStep` by default).
+      n_steps: ``K`` for the sub-grid variant (MAP-RPS-S); ``None`` = full grid (NFE = ``t0``).
+      continuous: real-valued sub-grid times (differentiable in ``t0``).
+      max_steps: static bound on ``t0`` for the full-grid scan (default ``T``).
+    """
+    where = "rps"
+    y = check_measurement(op, y, where)
+    x_init = check_signal(op, x_init, where, "x_init")
+    if y.shape[0] != x_init.shape[0]:
+        raise ValueError(f"{where}: y and x_init must have the same batch size; got {y.shape[0]} and {x_init.shape[0]}")
+    t0c = concrete_int(t0)
+    if t0c is not None and not 0 <= t0c <= model.T:
+        raise ValueError(f"{where}: t0 must be in [0, {model.T}], got {t0c}")
+    k_noise, k_loop = jax.random.split(key)
+    if continuous:
+        t0 = jnp.asarray(t0, jnp.float32)
+    else:
+        t0 = jnp.asarray(t0, jnp.int32)
+    x = renoise(k_noise, x_init, model.alpha_bar(t0 - 1))
+    if n_steps is None and t0c is not None and not continuous:
+        out = reverse_loop(k_loop, model, op, y, x, t0c - 1, sampler=sampler, cond=cond, max_steps=max_steps)
+    else:
+        out = reverse_loop(k_loop, model, op, y, x, t0 - 1, sampler=sampler, cond=cond, n_steps=n_steps,
+                           continuous=continuous, max_steps=max_steps)
+    return jnp.where(t0 > 0, out, x_init)
+
+
+def stage2_nfe(t0, n_steps: Optional[int] = None) -> int:
+    """Network evaluations of Stage 2 at ``t0``: ``t0`` on the full grid, ``min(K, t0)`` on a sub-grid."""
+    t0 = int(t0)
+    return t0 if n_steps is None else (0 if t0 == 0 else min(int(n_steps), t0))
