@@ -1,8 +1,33 @@
 """mapreps-jax: zero-shot imaging inverse problems with diffusion priors, and distortion-perception traversal
-(MAP-RPS / LMAP-RPS) in JAX. See README.md for the API tour."""
+(MAP-RPS / LMAP-RPS) in JAX. See README.md for the API tour.
 
-from .diffusion import (Schedule, make_schedule, alpha_bar, log_alpha_bar, ddim_sigma_log, tweedie, eps_from_x0, renoise, ddim_sigma, ddim_step,
-                        posterior_variance, learned_range_std, linear_betas, scaled_linear_betas, ldm_linear_betas)
+Where things live:
+  diffusion.py   schedules, alpha_bar (integer and real t), Tweedie, DDPM/DDIM steps
+  model.py       the score-model contract ``eps_fn(params, x_t, t, cond)`` (:class:`ScoreModel`)
+  operators.py   forward operators (pure functions + pytree of fixed data)
+  priors.py      exact Gaussian / GMM priors with closed-form posteriors (the testbed)
+  map_stage.py   Stage 1: MAP estimate (optax AdamW)
+  rps_stage.py   Stage 2: re-noised posterior sampling
+  samplers.py    step rules: DPS, DDPM (oracle with an exact posterior model), DDNM
+  map_rps.py     MAP-RPS and the D-P sweep
+  baselines.py   DPS (-A, -S, VS), CCDF, RED-diff
+  metrics.py     RMSE, PSNR, SSIM, Frechet distance, sliced W2, MMD
+  testbed.py     run any algorithm on an exact prior and measure its D-P point
+  networks/      Flax score networks (ADM UNet) and checkpoint conversion
+"""
+
+from .diffusion import (Schedule, make_schedule, alpha_bar, log_alpha_bar, tweedie, eps_from_x0, renoise, ddim_sigma,
+                        ddim_sigma_log, ddim_step, posterior_variance, learned_range_std, linear_betas,
+                        scaled_linear_betas, ldm_linear_betas)
 from .model import ScoreModel, from_eps_fn
+from .operators import Operator, make_operator, TASKS
+from .priors import (GaussianPrior, GMMPrior, gaussian_w2, gaussian_fit, ideal_dp_curve, oracle_map_rps_dp,
+                     stage1_fixed_point, svd_gains)
+from .map_stage import MAPConfig, map_estimate, principled_weight
+from .samplers import DPSStep, DDPMStep, DDNMStep, make_sampler
+from .rps_stage import rps, reverse_loop, subgrid_times, stage2_nfe
+from .map_rps import map_rps, dp_sweep, SweepResult
+from .baselines import dps, dps_average, ccdf, red_diff, REDDiffConfig, RED_DIFF_WEIGHTINGS
+from .metrics import rmse, psnr, ssim, frechet_distance, sliced_w2, mmd
 
 __version__ = "0.1.0"

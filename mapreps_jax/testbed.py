@@ -146,7 +146,7 @@ def run_testbed(cfg: TestbedConfig, progress: Optional[Callable[[int, int], None
         d_star = float(jnp.trace(post.cov))
     else:
         x_star = post.mean
-        d_star = float(jnp.mean(post.total_variance()))
+        d_star = float(jnp.mean(jnp.trace(post.cov, axis1=-2, axis2=-1)))
     p_star = _w2_to_prior(x_star, prior_m, prior_c)
 
     # closed form (isotropic Gaussian prior)
