@@ -121,7 +121,7 @@ def red_diff(key, model: ScoreModel, op, y, *, config: REDDiffConfig = REDDiffCo
         a = model.alpha_bar(t)
         eps = jax.random.normal(jax.random.fold_in(key, k), m.shape, m.dtype)
         x_t = jnp.sqrt(a) * m + jnp.sqrt(1.0 - a) * eps
-        e = jax.lax.stop_gradient(model.eps(x_t, t, cond))
+        e = model.eps(x_t, t, cond)  # sg(e): an argument of the inner gradient, not differentiated w.r.t. mu
         g = jax.grad(loss_fn)(m, e - eps, red_diff_weight(a, config.weighting))
         upd, st = opt.update(g, st, m)
         return (optax.apply_updates(m, upd), st), None

@@ -139,6 +139,13 @@ def log_alpha_bar(schedule: Schedule, t) -> jax.Array:
     return la[lo_i] * (1.0 - frac) + la[lo_i + 1] * frac
 
 
+def safe_sqrt(v):
+    """``sqrt(max(v, 0))`` with a zero (not infinite/NaN) derivative at 0, so that steps landing exactly on
+    ``alpha_bar = 1`` (``t = -1``) stay differentiable in the times."""
+    pos = v > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, v, 1.0)), 0.0)
+
+
 def _bcast(a, x):
     """Broadcast a per-sample scalar array ``a`` (shape ``[]`` or ``[B]``) against ``x`` of shape ``[B, ...]``."""
     a = jnp.asarray(a, x.dtype)
@@ -161,21 +168,21 @@ def eps_from_x0(x_t, x0, a):
 def renoise(key, x, a):
     """``sqrt(a) x + sqrt(1 - a) z``, ``z ~ N(0, I)``: the forward diffusion to the level ``a = alpha_bar(t)``."""
     a = _bcast(a, x)
-    return jnp.sqrt(a) * x + jnp.sqrt(1.0 - a) * jax.random.normal(key, x.shape, x.dtype)
+    return jnp.sqrt(a) * x + safe_sqrt(1.0 - a) * jax.random.normal(key, x.shape, x.dtype)
 
 
 def ddim_sigma_log(la_i, la_j, eta=1.0):
     """:func:`ddim_sigma` from ``log alpha_bar`` values, free of the cancellation in ``1 - a`` near ``a = 1``:
     ``s = eta * sqrt(expm1(la_j) / expm1(la_i)) * sqrt(-expm1(la_i - la_j))``."""
     ratio = jnp.where(la_i < 0, jnp.expm1(la_j) / jnp.where(la_i < 0, jnp.expm1(la_i), -1.0), 0.0)
-    return eta * jnp.sqrt(ratio) * jnp.sqrt(jnp.clip(-jnp.expm1(la_i - la_j), 0.0, None))
+    return eta * safe_sqrt(ratio) * safe_sqrt(-jnp.expm1(la_i - la_j))
 
 
 def ddim_sigma(a_i, a_j, eta=1.0):
     """DDIM noise std from level ``a_i`` to ``a_j`` (``a_j >= a_i``):
     ``s = eta * sqrt((1 - a_j) / (1 - a_i)) * sqrt(1 - a_i / a_j)``. ``eta = 1`` gives the DDPM posterior std
     ``sqrt(beta_tilde)`` on adjacent steps."""
-    return eta * jnp.sqrt((1.0 - a_j) / (1.0 - a_i)) * jnp.sqrt(jnp.clip(1.0 - a_i / a_j, 0.0, None))
+    return eta * safe_sqrt((1.0 - a_j) / (1.0 - a_i)) * safe_sqrt(1.0 - a_i / a_j)
 
 
 def ddim_step(key, x0_hat, eps_hat, a_j, s):
@@ -190,7 +197,7 @@ def ddim_step(key, x0_hat, eps_hat, a_j, s):
     """
     a_j = _bcast(a_j, x0_hat)
     s = _bcast(s, x0_hat)
-    mean = jnp.sqrt(a_j) * x0_hat + jnp.sqrt(jnp.clip(1.0 - a_j - s**2, 0.0, None)) * eps_hat
+    mean = jnp.sqrt(a_j) * x0_hat + safe_sqrt(1.0 - a_j - s**2) * eps_hat
     if key is None:
         return mean
     return mean + s * jax.random.normal(key, x0_hat.shape, x0_hat.dtype)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from ._loops import bounded_loop
+from .diffusion import safe_sqrt
 from .model import ScoreModel
 from .validation import check_measurement
 
@@ -50,9 +51,7 @@ def cosine_lr(k, n, lr, lr_min):
 
 def safe_norm(r, axes):
     """Euclidean norm over ``axes`` with a zero (not NaN) gradient at ``r = 0``."""
-    ss = jnp.sum(r * r, axis=axes)
-    pos = ss > 0
-    return jnp.where(pos, jnp.sqrt(jnp.where(pos, ss, 1.0)), 0.0)
+    return safe_sqrt(jnp.sum(r * r, axis=axes))
 
 
 def _event_axes(x, op):
@@ -170,7 +169,10 @@ def map_estimate(key, model: ScoreModel, op, y, *, config: MAPConfig = MAPConfig
     def body(k, state: MAPState):
         n = jax.random.normal(jax.random.fold_in(key, k), state.x.shape, state.x.dtype)
         x_t = jnp.sqrt(a) * state.x + jnp.sqrt(1.0 - a) * n
-        e = jax.lax.stop_gradient(model.eps(x_t, t1, cond))
+        # ``e`` enters the inner gradient as a separate argument: that is the stop-gradient sg(e) of the loss
+        # (no back-propagation through the network w.r.t. x), while outer derivatives (w.r.t. t1, w, lr, ...) still
+        # flow through it.
+        e = model.eps(x_t, t1, cond)
         g, _ = jax.grad(loss_fn, has_aux=True)(state.x, e)
         updates, opt_state = opt.update(g, state.opt_state, state.x)
         return MAPState(optax.apply_updates(state.x, updates), opt_state, state.k + 1)
