@@ -204,6 +204,10 @@ def run_testbed(cfg: TestbedConfig, progress: Optional[Callable[[int, int], None
             pt["D_closed"], pt["P_closed"] = float(Dc), float(Pc)
         points.append(pt)
     conf = dataclasses.asdict(cfg)
+    if cfg.operator == "mask":
+        conf["keep"] = int(op.out_shape[0])
+    else:
+        conf["rows"] = int(op.out_shape[0])
     conf["t0"] = [int(t) for t in cfg.t0]
     conf["w_used"] = w
     return {"config": conf, "points": points}
