@@ -46,6 +46,7 @@ Tasks (:data:`TASKS`, built by :func:`make_operator`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 from typing import Any, Callable, Optional
@@ -113,6 +114,20 @@ def _complex_of(dtype):
     return jnp.result_type(dtype, jnp.complex64)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _apply_batched(fn, nb, data, v):
+    """``fn(data, .)`` mapped (``vmap``) over the ``nb`` leading axes of ``v``. Jitted with ``fn`` static (value-equal
+    :class:`_Fn` wrappers), so eager calls compile once per configuration and shape instead of dispatching every
+    primitive; inside an outer ``jit`` it is simply inlined."""
+
+    def single(t):
+        return fn(data, t)
+
+    for _ in range(nb):
+        single = jax.vmap(single)
+    return single(v)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The operator pytree
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,14 +171,7 @@ class Operator:
             raise ValueError(
                 f"Operator {self.name!r}.{method}: {arg} must have shape (*batch, {', '.join(map(str, event_shape))})"
                 f" i.e. trailing shape {event_shape}; got shape {tuple(v.shape)}")
-        data = self.data
-
-        def single(t):
-            return fn(data, t)
-
-        for _ in range(nb):
-            single = jax.vmap(single)
-        return single(v)
+        return _apply_batched(fn, nb, self.data, v)
 
     # -- methods --------------------------------------------------------------------------------------------------
 

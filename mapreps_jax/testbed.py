@@ -59,7 +59,7 @@ class TestbedConfig:
     lr: float = 0.05
     lr_min: float = 1e-5
     t1: float = 10.0
-    zeta: float = 1.0
+    zeta: float = 0.2
     red_diff_lr: float = 0.1
     red_diff_steps: int = 1000
 
