@@ -8,6 +8,7 @@ Where things live:
   priors.py      exact Gaussian / GMM priors with closed-form posteriors (the testbed)
   map_stage.py   Stage 1: MAP estimate (optax AdamW)
   rps_stage.py   Stage 2: re-noised posterior sampling
+  continuous.py  Stage 2 in continuous time (diffrax reverse SDE), differentiable in t0
   samplers.py    step rules: DPS, DDPM (oracle with an exact posterior model), DDNM
   map_rps.py     MAP-RPS and the D-P sweep
   baselines.py   DPS (-A, -S, VS), CCDF, RED-diff
@@ -20,12 +21,13 @@ from .diffusion import (Schedule, make_schedule, alpha_bar, log_alpha_bar, tweed
                         ddim_sigma_log, ddim_step, posterior_variance, learned_range_std, linear_betas,
                         scaled_linear_betas, ldm_linear_betas)
 from .model import ScoreModel, from_eps_fn
-from .operators import Operator, make_operator, TASKS
+from .operators import Operator, make_operator, custom_operator, TASKS
 from .priors import (GaussianPrior, GMMPrior, gaussian_w2, gaussian_fit, ideal_dp_curve, oracle_map_rps_dp,
                      stage1_fixed_point, svd_gains)
 from .map_stage import MAPConfig, map_estimate, principled_weight
 from .samplers import DPSStep, DDPMStep, DDNMStep, make_sampler
 from .rps_stage import rps, reverse_loop, subgrid_times, stage2_nfe
+from .continuous import rps_sde
 from .map_rps import map_rps, dp_sweep, SweepResult
 from .baselines import dps, dps_average, ccdf, red_diff, REDDiffConfig, RED_DIFF_WEIGHTINGS
 from .metrics import rmse, psnr, ssim, frechet_distance, sliced_w2, mmd
