@@ -191,3 +191,29 @@ def test_dps_and_red_diff_on_gmm_report_distances_and_are_deterministic():
         sw = float(sliced_w2(jax.random.PRNGKey(7), out, exact))
         gap = float(np.mean(_sq(out, post.mean)))
         assert np.isfinite(sw) and np.isfinite(gap)
+
+
+def test_ddnm_step_enforces_noise_free_consistency():
+    """DDNM's range-space replacement: with sigma_y = 0 every output satisfies A x = y (to float precision)."""
+    prior, op, x, y = _setup(d=8, keep=4, sigma=0.0, n=64, seed=4)
+    model = prior.score_model(SCHED)
+    out = mr.rps(jax.random.PRNGKey(0), model, op, y, op.x_init(y), 200, sampler=mr.DDNMStep(clip=False))
+    np.testing.assert_allclose(np.asarray(op.A(out)), np.asarray(y), atol=1e-5)
+    assert float(jnp.std(out[:, 4:])) > 0.1  # the null space is sampled, not left at zero
+
+
+def test_red_diff_weightings_follow_their_definitions_and_all_run():
+    a = jnp.asarray([0.9, 0.5, 0.01])
+    r = np.sqrt(1 - np.asarray(a)) / np.sqrt(np.asarray(a))
+    expected = {"linear": r, "sqrt": np.sqrt(r), "square": r**2, "log": np.log1p(r), "clip": np.minimum(r, 1.0),
+                "const": np.ones(3)}
+    assert set(expected) == set(mr.RED_DIFF_WEIGHTINGS)
+    prior, op, x, y = _setup(n=32, seed=5)
+    model = prior.score_model(SCHED)
+    outs = {}
+    for name, ref in expected.items():
+        np.testing.assert_allclose(np.asarray(mr.baselines.red_diff_weight(a, name)), ref, rtol=1e-5)
+        outs[name] = mr.red_diff(jax.random.PRNGKey(1), model, op, y,
+                                 config=mr.REDDiffConfig(weighting=name, n_steps=50))
+        assert np.all(np.isfinite(np.asarray(outs[name])))
+    assert float(jnp.max(jnp.abs(outs["linear"] - outs["const"]))) > 1e-3
