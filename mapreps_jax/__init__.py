@@ -22,7 +22,7 @@ from .diffusion import (Schedule, make_schedule, alpha_bar, log_alpha_bar, tweed
                         scaled_linear_betas, ldm_linear_betas)
 from .model import ScoreModel, from_eps_fn
 from .operators import Operator, make_operator, custom_operator, TASKS
-from .priors import (GaussianPrior, GMMPrior, gaussian_w2, gaussian_fit, ideal_dp_curve, oracle_map_rps_dp,
+from .priors import (GaussianPrior, GMMPrior, GaussianPosterior, GMMPosterior, SVDGains, operator_matrix, gaussian_w2, gaussian_fit, ideal_dp_curve, oracle_map_rps_dp,
                      stage1_fixed_point, svd_gains)
 from .map_stage import MAPConfig, map_estimate, principled_weight
 from .samplers import DPSStep, DDPMStep, DDNMStep, make_sampler

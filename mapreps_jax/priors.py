@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .diffusion import Schedule, alpha_bar
+from .map_stage import principled_weight  # noqa: F401  (re-exported)
 from .model import ScoreModel
 
 __all__ = [
@@ -202,8 +203,8 @@ def _apply_posterior_flat(params, x, a, cond):
 
 # Built once: ``ScoreModel.apply`` is a static pytree field, so a fresh closure per model would retrace every
 # jitted algorithm for every new prior.
-_PRIOR_APPLY = _flat_apply(_apply_prior_flat)
-_POSTERIOR_APPLY = _flat_apply(_apply_posterior_flat)
+_PRIOR_APPLY = jax.jit(_flat_apply(_apply_prior_flat))
+_POSTERIOR_APPLY = jax.jit(_flat_apply(_apply_posterior_flat))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -552,7 +553,11 @@ class GMMPrior:
 
     def posterior_model(self, A, sigma_y, schedule: Schedule) -> ScoreModel:
         """Oracle Stage-2 model: exact eps of ``sum_k pi'_k(y) N(sqrt(a) m_k(y), a C_k + (1 - a) I)``;
-        ``apply(params, x_t, t, cond=y)`` with ``y [B, m]`` (or ``[m]``, broadcast over the batch)."""
+        ``apply(params, x_t, t, cond=y)`` with ``y [B, m]`` (or ``[m]``, broadcast over the batch).
+
+        With ``sigma_y = 0`` each ``C_k`` is singular: eps is exact and finite for ``a < 1`` (0 at ``a = 1``), but at
+        very small ``t`` the components' log-densities scale like ``1 / (1 - a)`` and float32 responsibilities of
+        points far from the posterior support become ill-conditioned."""
         _check_schedule(schedule)
         A, gains, C, g_evals, g_evecs = self._posterior_pieces(A, sigma_y)
         evals, evecs = _eigh_psd(C)
@@ -643,17 +648,6 @@ def oracle_map_rps_dp(s, singular_values, d: int, sigma, a0):
     D = jnp.sum(v * (2.0 - rho**2), axis=-1)
     P = jnp.sqrt(jnp.sum((s - jnp.sqrt(jnp.clip(s**2 - v * rho**2, 0.0, None))) ** 2, axis=-1))
     return D, P
-
-
-def principled_weight(sigma_y, a_t1, r2=None):
-    """Stage-1 weight matching the exact MAP for a Gaussian likelihood (Thm 3.3):
-    ``w* = 2 sigma_y^2 sqrt(1 - a) / (r2 sqrt(a))``, ``a = alpha_bar(t1)``. ``r2`` is the per-coordinate variance of
-    ``x0 | x_t1``; the default ``(1 - a) / a`` (image-prior approximation) gives ``2 sigma_y^2 sqrt(a / (1 - a))``.
-    For the isotropic Gaussian use ``r2 = prior.tweedie_variance(a)``."""
-    a = jnp.asarray(a_t1, jnp.float32)
-    if r2 is None:
-        r2 = (1.0 - a) / a
-    return 2.0 * jnp.asarray(sigma_y, jnp.float32) ** 2 * jnp.sqrt(1.0 - a) / (r2 * jnp.sqrt(a))
 
 
 def stage1_fixed_point(prior: GaussianPrior, A_matrix, y, sigma_y, w: Union[float, str, jax.Array], a_t1):
