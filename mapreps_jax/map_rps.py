@@ -91,8 +91,10 @@ def dp_sweep(key, model: ScoreModel, op, y, t0s: Sequence[int], *, map_config: M
         outs = []
         for i, t0 in enumerate(t0s):
             # t0 traced (a jnp scalar): one compiled Stage-2 function serves every t0.
+            # The full-grid scan has length T (steps past t0 are skipped by lax.cond, costing no network call), so
+            # sweeps with different t0 lists reuse the same compiled function.
             outs.append(rps_jit(k2, model, op, y, x_map, jnp.int32(t0), sampler=sampler, cond=cond,
-                                n_steps=n_steps, max_steps=max_steps))
+                                n_steps=n_steps))
             if progress is not None:
                 progress(i + 1, len(t0s))
         outputs = jnp.stack(outs)

@@ -58,7 +58,7 @@ def test_jitted_entry_points_do_not_recompile():
     mr.dp_sweep(jax.random.PRNGKey(3), model, op, y, [0, 5, 10, 20, 30], map_config=cfg,
                 sampler=mr.DPSStep(clip=False))
     first = count["n"]
-    mr.dp_sweep(jax.random.PRNGKey(4), model, op, y, [1, 7, 12, 25, 30], map_config=cfg,
+    mr.dp_sweep(jax.random.PRNGKey(4), model, op, y, [1, 7, 12, 25, 300], map_config=cfg,
                 sampler=mr.DPSStep(clip=False))
     assert count["n"] == first
 
