@@ -1,0 +1,175 @@
+"""digit-FD: the perceptual index of the bundled digits data set.
+
+digit-FD is the Fréchet distance between Gaussian fits of the penultimate (128-d) features of the bundled digit
+classifier (:mod:`mapreps_jax.networks.classifier`, ``checkpoints/default/classifier``) for two image sets::
+
+    digit-FD(X, Y) = ||mu_X - mu_Y||^2 + Tr(S_X + S_Y - 2 (S_X S_Y)^{1/2})
+
+with ``mu``, ``S`` the feature mean and (unbiased, ``N - 1``) covariance. It is the FID recipe applied to a small
+MNIST classifier: it is **not** FID and its values are not comparable with FID values. Lower is better; it is
+biased upwards for small sets (compare numbers computed with the same set sizes). The reference statistic of the
+500 held-out digits (``load_digits("test")``) is computed once per process and cached.
+
+Images are NHWC ``[N, 32, 32, 1]`` in ``[-1, 1]`` (values outside are clipped to ``[-1, 1]`` before the
+classifier, as a saved image would be).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .networks import classifier as _C
+
+__all__ = ["digit_features", "feature_statistics", "frechet_distance_from_features", "heldout_statistics",
+           "digit_fd", "digit_accuracy", "FEATURE_BATCH"]
+
+FEATURE_BATCH = 250  # images per compiled call; every set is padded to a multiple, so one compilation serves all
+
+
+@functools.lru_cache(maxsize=1)
+def _default_params():
+    from .pretrained import load_classifier
+
+    return jax.tree_util.tree_map(jnp.asarray, load_classifier())
+
+
+_features_and_logits_jit = jax.jit(_C.features_and_logits)
+
+
+def _check_images(images, name="images") -> jax.Array:
+    x = jnp.asarray(images)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name}: expected float images in [-1, 1] (use datasets.to_model_range for uint8), "
+                        f"got dtype {x.dtype}")
+    if x.ndim != 4 or tuple(x.shape[1:]) != _C.IMAGE_SHAPE:
+        raise ValueError(f"{name}: expected shape [N, 32, 32, 1] (NHWC), got {tuple(x.shape)}")
+    if x.shape[0] < 1:
+        raise ValueError(f"{name}: expected at least one image, got shape {tuple(x.shape)}")
+    if not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError(f"{name}: expected finite values, got NaN or inf")
+    return jnp.clip(x.astype(jnp.float32), -1.0, 1.0)
+
+
+def _batched(fn_index, images, params):
+    x = _check_images(images)
+    params = _default_params() if params is None else params
+    n = x.shape[0]
+    pad = (-n) % FEATURE_BATCH
+    if pad:
+        x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)], 0)
+    outs = [_features_and_logits_jit(params, x[i:i + FEATURE_BATCH])[fn_index]
+            for i in range(0, x.shape[0], FEATURE_BATCH)]
+    return jnp.concatenate(outs, 0)[:n]
+
+
+def digit_features(images, params=None) -> jax.Array:
+    """Penultimate classifier features ``[N, 128]`` (float32) of images ``[N, 32, 32, 1]`` in ``[-1, 1]``.
+
+    ``params``: classifier parameters (default: the bundled checkpoint). Deterministic; evaluated in fixed batches
+    of :data:`FEATURE_BATCH` images by one jit-compiled function.
+    """
+    return _batched(0, images, params)
+
+
+def digit_accuracy(images, labels, params=None) -> float:
+    """Fraction of images ``[N, 32, 32, 1]`` in ``[-1, 1]`` that the classifier labels correctly."""
+    lg = _batched(1, images, params)
+    labels = np.asarray(labels)
+    if labels.shape != (lg.shape[0],):
+        raise ValueError(f"labels: expected shape ({lg.shape[0]},), got {labels.shape}")
+    return float(np.mean(np.asarray(jnp.argmax(lg, -1)) == labels))
+
+
+def feature_statistics(feats) -> Tuple[np.ndarray, np.ndarray]:
+    """``(mu [D], S [D, D])`` in float64: feature mean and unbiased covariance of ``feats`` ``[N, D]``, ``N >= 2``."""
+    f = np.asarray(feats, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"feats: expected shape [N >= 2, D], got {f.shape}")
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def _sqrtm_psd(s: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((s + s.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def _frechet(mu1, s1, mu2, s2) -> float:
+    """``||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2})`` for PSD ``S1, S2`` (float64).
+
+    ``Tr (S1 S2)^{1/2} = sum_i sqrt(lambda_i(A S2 A))`` with ``A = S1^{1/2}`` (``S1 S2`` is similar to the PSD
+    ``A S2 A``), which avoids a non-symmetric matrix square root. Works from statistics (for the cached held-out
+    reference); :func:`mapreps_jax.metrics.frechet_distance` computes the same quantity from feature sets.
+    """
+    a = _sqrtm_psd(s1)
+    m = a @ s2 @ a
+    tr_sqrt = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)))
+    d = float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2.0 * tr_sqrt)
+    return max(d, 0.0)
+
+
+def frechet_distance_from_features(f1, f2) -> float:
+    """Fréchet distance between Gaussian fits of two feature sets ``[N1, D]``, ``[N2, D]``
+    (:func:`mapreps_jax.metrics.frechet_distance`)."""
+    from .metrics import frechet_distance
+
+    return frechet_distance(f1, f2)
+
+
+@functools.lru_cache(maxsize=1)
+def _heldout_statistics_cached():
+    from .datasets import load_digits, to_model_range
+
+    x, _ = load_digits("test")
+    mu, s = feature_statistics(digit_features(to_model_range(x)))
+    mu.setflags(write=False)
+    s.setflags(write=False)
+    return mu, s
+
+
+def heldout_statistics() -> Tuple[np.ndarray, np.ndarray]:
+    """Cached ``(mu, S)`` of the bundled classifier's features on the 500 held-out digits."""
+    return _heldout_statistics_cached()
+
+
+RefType = Union[None, np.ndarray, jax.Array, Tuple[np.ndarray, np.ndarray]]
+
+
+def digit_fd(x, ref: RefType = None, params=None) -> float:
+    """digit-FD between images ``x`` ``[N, 32, 32, 1]`` in ``[-1, 1]`` (``N >= 2``) and a reference.
+
+    Args:
+      x: images to score.
+      ref: ``None`` (default): the cached statistic of the held-out digits; images ``[M, 32, 32, 1]`` in
+        ``[-1, 1]``; features ``[M, 128]``; or a ``(mu, S)`` pair.
+      params: classifier parameters (default: the bundled checkpoint; a non-default value requires an explicit
+        ``ref``, since the cached held-out statistic belongs to the bundled classifier).
+
+    Returns:
+      the Fréchet distance (float, ``>= 0``) in squared feature units.
+    """
+    mu1, s1 = feature_statistics(digit_features(x, params))
+    if ref is None:
+        if params is not None:
+            raise ValueError("ref: an explicit reference is required with non-default params")
+        mu2, s2 = heldout_statistics()
+    elif isinstance(ref, tuple):
+        if len(ref) != 2:
+            raise ValueError(f"ref: expected a (mu, S) pair, got a tuple of length {len(ref)}")
+        mu2, s2 = np.asarray(ref[0], np.float64), np.asarray(ref[1], np.float64)
+        if mu2.shape != mu1.shape or s2.shape != s1.shape:
+            raise ValueError(f"ref: expected (mu {mu1.shape}, S {s1.shape}), got ({mu2.shape}, {s2.shape})")
+    else:
+        r = jnp.asarray(ref)
+        if r.ndim == 4:
+            mu2, s2 = feature_statistics(digit_features(r, params))
+        elif r.ndim == 2 and r.shape[1] == mu1.shape[0]:
+            mu2, s2 = feature_statistics(r)
+        else:
+            raise ValueError(f"ref: expected images [M, 32, 32, 1], features [M, {mu1.shape[0]}] or (mu, S), "
+                             f"got shape {tuple(r.shape)}")
+    return _frechet(mu1, s1, mu2, s2)
