@@ -32,4 +32,7 @@ from .map_rps import map_rps, dp_sweep, SweepResult
 from .baselines import dps, dps_average, ccdf, red_diff, REDDiffConfig, RED_DIFF_WEIGHTINGS
 from .metrics import rmse, psnr, ssim, frechet_distance, sliced_w2, mmd
 
+from .networks import (ADMConfig, adm_score_model, init_adm_params, load_model, register_model, registered_models,
+                       convert_adm_state_dict, load_state_dict)
+
 __version__ = "0.1.0"

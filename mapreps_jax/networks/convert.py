@@ -1,0 +1,459 @@
+"""Strict conversion of guided-diffusion (PyTorch) state dicts to :class:`~mapreps_jax.networks.adm.ADMUNet` params,
+and orbax save/load of converted checkpoints.
+
+Key mapping (the Flax module names are the PyTorch module paths with ``.`` -> ``_``)::
+
+    input_blocks.{i}.{j}.<sub>.{k}.weight  ->  params["input_blocks_{i}_{j}"]["<sub>_{k}"]["kernel" | "scale"]
+    middle_block.{j}.norm.bias             ->  params["middle_block_{j}"]["norm"]["bias"]
+    time_embed.{k}.weight                  ->  params["time_embed_{k}"]["kernel"]
+    out.{k}.weight                         ->  params["out_{k}"]["kernel" | "scale"]
+
+Tensor layouts: conv ``[O, I, kh, kw] -> [kh, kw, I, O]``; linear ``[O, I] -> [I, O]``; attention ``qkv`` /
+``proj_out`` (1x1 ``Conv1d``) ``[O, I, 1] -> [I, O]``; GroupNorm weight/bias unchanged (``weight -> scale``).
+
+Strictness: the expected key/shape set is derived from the Flax model itself (``jax.eval_shape`` of its init), so a
+missing, unexpected or mis-shaped key is a ``ValueError`` naming it.
+
+A converted checkpoint is a directory::
+
+    <dst>/meta.json    {"format": "mapreps-adm", "version": 1, "config": {...}, "source_sha256": ..., "source_name": ...,
+                        "params_sha256": ..., "num_params": ..., "num_tensors": ...}
+    <dst>/params/      orbax-checkpoint (StandardCheckpointer) of the float32 Flax params
+
+written to a temporary sibling directory and renamed into place (no partial output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+import sys
+import tempfile
+from typing import Dict, Mapping, Optional, Tuple
+
+import jax
+import numpy as np
+
+from .adm import ADMConfig, param_shapes
+
+__all__ = [
+    "convert_adm_state_dict",
+    "flax_to_torch_state_dict",
+    "expected_torch_shapes",
+    "torch_key_for",
+    "read_manifest",
+    "manifest_path",
+    "save_converted",
+    "load_converted",
+    "convert_command",
+    "sha256_file",
+    "params_sha256",
+    "PRESETS",
+]
+
+FORMAT = "mapreps-adm"
+FORMAT_VERSION = 1
+
+PRESETS = {"ffhq256": ADMConfig.ffhq256, "imagenet256": ADMConfig.imagenet256}
+
+_TOP = re.compile(r"^(input_blocks|output_blocks)_(\d+)_(\d+)$|^(middle_block|time_embed|out)_(\d+)$")
+_SUB = re.compile(r"^(in_layers|out_layers|emb_layers)_(\d+)$")
+_CONV1D = ("qkv", "proj_out")
+
+
+def _path_names(path) -> Tuple[str, ...]:
+    return tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
+
+
+def torch_key_for(flax_path: Tuple[str, ...]) -> str:
+    """The guided-diffusion state-dict key of a Flax param path, e.g.
+    ``("input_blocks_1_0", "in_layers_2", "kernel") -> "input_blocks.1.0.in_layers.2.weight"``."""
+    top, *mid, leaf = flax_path
+    m = _TOP.match(top)
+    if m is None:
+        raise ValueError(f"unexpected top-level Flax module name {top!r}")
+    parts = [m.group(1), m.group(2), m.group(3)] if m.group(1) else [m.group(4), m.group(5)]
+    for s in mid:
+        ms = _SUB.match(s)
+        parts += [ms.group(1), ms.group(2)] if ms else [s]
+    parts.append({"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf])
+    return ".".join(parts)
+
+
+def _kind(flax_path, ndim: int) -> str:
+    """'conv' (4-D kernel), 'conv1d' (attention qkv/proj_out Dense kernel), 'linear' or 'vector'."""
+    if flax_path[-1] == "kernel":
+        if ndim == 4:
+            return "conv"
+        return "conv1d" if len(flax_path) >= 2 and flax_path[-2] in _CONV1D else "linear"
+    return "vector"
+
+
+def _torch_shape(kind, flax_shape):
+    if kind == "conv":
+        kh, kw, i, o = flax_shape
+        return (o, i, kh, kw)
+    if kind == "conv1d":
+        i, o = flax_shape
+        return (o, i, 1)
+    if kind == "linear":
+        i, o = flax_shape
+        return (o, i)
+    return tuple(flax_shape)
+
+
+def _to_flax(kind, a: np.ndarray) -> np.ndarray:
+    if kind == "conv":
+        return np.transpose(a, (2, 3, 1, 0))
+    if kind == "conv1d":
+        return np.transpose(a[:, :, 0], (1, 0))
+    if kind == "linear":
+        return np.transpose(a, (1, 0))
+    return a
+
+
+def _to_torch(kind, a: np.ndarray) -> np.ndarray:
+    if kind == "conv":
+        return np.transpose(a, (3, 2, 0, 1))
+    if kind == "conv1d":
+        return np.transpose(a, (1, 0))[:, :, None]
+    if kind == "linear":
+        return np.transpose(a, (1, 0))
+    return a
+
+
+def _layout(config: ADMConfig):
+    """``[(flax_path, torch_key, kind, flax_shape)]`` for every parameter of the model (no computation)."""
+    shapes = param_shapes(config)
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+        names = _path_names(path)
+        kind = _kind(names, len(leaf.shape))
+        out.append((names, torch_key_for(names), kind, tuple(leaf.shape)))
+    return out
+
+
+def expected_torch_shapes(config: ADMConfig) -> Dict[str, Tuple[int, ...]]:
+    """``{torch key: torch shape}`` of a guided-diffusion state dict for ``config`` (derived from the Flax model)."""
+    return {key: _torch_shape(kind, shp) for _, key, kind, shp in _layout(config)}
+
+
+def _set(tree, path, value):
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def _fmt_list(xs, n=8):
+    xs = list(xs)
+    s = ", ".join(xs[:n])
+    return s + (f", ... ({len(xs)} in all)" if len(xs) > n else "")
+
+
+def convert_adm_state_dict(sd: Mapping[str, np.ndarray], config: ADMConfig):
+    """Flax params (nested dict of float32 ``np.ndarray``) from a guided-diffusion state dict, strictly.
+
+    Raises:
+      ValueError: naming every missing, unexpected or mis-shaped key (and non-floating tensors).
+    """
+    if not isinstance(config, ADMConfig):
+        raise TypeError(f"convert_adm_state_dict: config must be an ADMConfig, got {type(config).__name__}")
+    layout = _layout(config)
+    expected = {key: (path, kind, _torch_shape(kind, shp)) for path, key, kind, shp in layout}
+    given = set(sd)
+    missing = sorted(set(expected) - given)
+    unexpected = sorted(given - set(expected))
+    misshaped = sorted(f"{k} (expected {expected[k][2]}, got {tuple(np.shape(sd[k]))})"
+                       for k in set(expected) & given if tuple(np.shape(sd[k])) != expected[k][2])
+    nonfloat = sorted(f"{k} ({np.asarray(sd[k]).dtype})" for k in set(expected) & given
+                      if not np.issubdtype(np.asarray(sd[k]).dtype, np.floating)
+                      and str(np.asarray(sd[k]).dtype) != "bfloat16")
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_fmt_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_fmt_list(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped keys: {_fmt_list(misshaped)}")
+    if nonfloat:
+        problems.append(f"non-floating keys: {_fmt_list(nonfloat)}")
+    if problems:
+        raise ValueError(f"state dict does not match the ADM config ({len(expected)} tensors expected, "
+                         f"{len(given)} given): " + "; ".join(problems))
+    params: dict = {}
+    for key, (path, kind, _) in expected.items():
+        a = np.asarray(sd[key]).astype(np.float32)
+        _set(params, path, np.ascontiguousarray(_to_flax(kind, a)))
+    return params
+
+
+def flax_to_torch_state_dict(params, config: ADMConfig) -> Dict[str, np.ndarray]:
+    """The inverse of :func:`convert_adm_state_dict`: guided-diffusion-layout numpy state dict from Flax params."""
+    flat = {_path_names(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    out = {}
+    for path, key, kind, shp in _layout(config):
+        if path not in flat:
+            raise ValueError(f"flax_to_torch_state_dict: params lack {'/'.join(path)}")
+        if tuple(flat[path].shape) != shp:
+            raise ValueError(f"flax_to_torch_state_dict: {'/'.join(path)} has shape {flat[path].shape}, expected {shp}")
+        out[key] = np.ascontiguousarray(_to_torch(kind, flat[path]))
+    if len(flat) != len(out):
+        extra = sorted("/".join(p) for p in set(flat) - {p for p, *_ in _layout(config)})
+        raise ValueError(f"flax_to_torch_state_dict: unexpected params {_fmt_list(extra)}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# manifests
+
+_MANIFEST_DIR = os.path.join(os.path.dirname(__file__), "manifests")
+
+
+def manifest_path(name: str) -> str:
+    """Path of a committed manifest (``"ffhq256"`` / ``"imagenet256"``) or ``name`` itself if it is a file."""
+    if os.path.isfile(name):
+        return name
+    p = os.path.join(_MANIFEST_DIR, f"adm_{name}.txt")
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"no ADM manifest {name!r} (looked for {p})")
+    return p
+
+
+def read_manifest(name: str) -> Dict[str, Tuple[int, ...]]:
+    """``{key: shape}`` from a manifest file (lines ``key dim,dim,...``; ``#`` comments)."""
+    out = {}
+    with open(manifest_path(name)) as f:
+        for ln, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise ValueError(f"{name}:{ln}: expected 'key shape', got {line!r}")
+            out[parts[0]] = tuple(int(d) for d in parts[1].split(",") if d)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def sha256_file(path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def params_sha256(params) -> str:
+    """SHA-256 over every leaf (path, dtype, shape, little-endian bytes), in path order."""
+    h = hashlib.sha256()
+    leaves = sorted(((_path_names(p), v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]),
+                    key=lambda kv: kv[0])
+    for path, v in leaves:
+        a = np.ascontiguousarray(np.asarray(v))
+        h.update("/".join(path).encode())
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _ocp():
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+def save_converted(dst, params, config: ADMConfig, source_sha256: Optional[str] = None,
+                   source_name: Optional[str] = None, overwrite: bool = False) -> str:
+    """Save converted params with orbax and ``meta.json`` (config, source SHA-256, params SHA-256) under ``dst``.
+
+    Written to a temporary sibling directory, then renamed into place. Returns the absolute ``dst``.
+    """
+    dst = os.path.abspath(os.fspath(dst))
+    if os.path.exists(dst) and not overwrite:
+        raise FileExistsError(f"save_converted: {dst} exists (pass overwrite=True / --overwrite to replace it)")
+    if source_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", source_sha256):
+        raise ValueError(f"save_converted: source_sha256 must be 64 lowercase hex digits, got {source_sha256!r}")
+    expected = param_shapes(config)
+    got = jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), params)
+    want = jax.tree_util.tree_map(lambda a: tuple(a.shape), expected)
+    if got != want:
+        raise ValueError("save_converted: params do not match the config's parameter tree")
+    params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), params)
+    meta = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "source_sha256": source_sha256,
+        "source_name": source_name,
+        "params_sha256": params_sha256(params),
+        "num_params": int(sum(a.size for a in jax.tree_util.tree_leaves(params))),
+        "num_tensors": len(jax.tree_util.tree_leaves(params)),
+    }
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
+    try:
+        ocp = _ocp()
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(os.path.join(tmp, "params"), params)
+        ckptr.wait_until_finished()
+        ckptr.close()
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1, sort_keys=True)
+        if os.path.exists(dst):
+            old = dst + ".old-" + os.path.basename(tmp)
+            os.rename(dst, old)
+            os.rename(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def _read_meta(path):
+    mp = os.path.join(path, "meta.json")
+    if not os.path.isfile(mp):
+        raise ValueError(f"{path}: not a converted ADM checkpoint (no meta.json)")
+    try:
+        with open(mp) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: corrupt meta.json ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: meta.json is not a {FORMAT!r} checkpoint description")
+    if meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format version {meta.get('version')!r}, this library reads "
+                         f"{FORMAT_VERSION}")
+    for k in ("config", "params_sha256"):
+        if k not in meta:
+            raise ValueError(f"{path}: meta.json lacks {k!r}")
+    return meta
+
+
+def load_converted(path, expected_config: Optional[ADMConfig] = None,
+                   expected_source_sha256: Optional[str] = None, verify: bool = True):
+    """Load a checkpoint written by :func:`save_converted`: ``(params, config, meta)``.
+
+    Checks: ``meta.json`` is well formed; the recorded config equals ``expected_config`` in every architectural
+    field (``dtype``/``remat`` of ``expected_config`` are applied to the returned config); the recorded source
+    SHA-256 equals ``expected_source_sha256`` when given; the restored params have the config's shapes and (with
+    ``verify``) hash to the recorded ``params_sha256``. Any failure is a ``ValueError`` saying which.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"converted checkpoint not found: {path}")
+    meta = _read_meta(path)
+    try:
+        config = ADMConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: invalid config in meta.json ({e})") from e
+    if expected_config is not None:
+        a, b = config.architecture_dict(), expected_config.architecture_dict()
+        diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+        if diff:
+            msg = ", ".join(f"{k}: checkpoint {v[0]!r} != expected {v[1]!r}" for k, v in diff.items())
+            raise ValueError(f"{path}: checkpoint config does not match the expected config ({msg})")
+        config = expected_config
+    if expected_source_sha256 is not None and meta.get("source_sha256") != expected_source_sha256:
+        raise ValueError(f"{path}: converted from a source with SHA-256 {meta.get('source_sha256')!r}, expected "
+                         f"{expected_source_sha256!r}")
+    abstract = param_shapes(config)
+    ocp = _ocp()
+    try:
+        ckptr = ocp.StandardCheckpointer()
+        params = ckptr.restore(os.path.join(path, "params"), abstract)
+        ckptr.close()
+    except Exception as e:  # orbax raises a variety of errors for damaged / mismatched files
+        raise ValueError(f"{path}: cannot restore params (corrupt or mismatched checkpoint): "
+                         f"{type(e).__name__}: {e}") from e
+    got = jax.tree_util.tree_map(lambda x: (tuple(x.shape), str(x.dtype)), params)
+    want = jax.tree_util.tree_map(lambda x: (tuple(x.shape), str(x.dtype)), abstract)
+    if got != want:
+        raise ValueError(f"{path}: restored params do not match the config's parameter tree")
+    if verify:
+        h = params_sha256(params)
+        if h != meta["params_sha256"]:
+            raise ValueError(f"{path}: params checksum mismatch (corrupt checkpoint): recorded "
+                             f"{meta['params_sha256']}, computed {h}")
+    return params, config, meta
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="mapreps convert adm",
+                                description="Convert a guided-diffusion (ADM) PyTorch checkpoint to a mapreps-jax "
+                                            "(orbax) checkpoint, without torch.")
+    p.add_argument("--config", required=True,
+                   help=f"architecture preset ({', '.join(PRESETS)}) or a JSON file of ADMConfig fields")
+    p.add_argument("--src", required=True, help="source .pt/.pth/.ckpt (torch.save zip) or .safetensors file")
+    p.add_argument("--dst", default=None, help="output directory (default: checkpoints/adm-<config>)")
+    p.add_argument("--expected-sha256", default=None, help="refuse a source file with another SHA-256")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+    return p
+
+
+def _config_from_arg(s: str) -> Tuple[ADMConfig, str]:
+    if s in PRESETS:
+        return PRESETS[s](), s
+    if os.path.isfile(s):
+        with open(s) as f:
+            return ADMConfig.from_dict(json.load(f)), os.path.splitext(os.path.basename(s))[0]
+    raise ValueError(f"--config: expected one of {sorted(PRESETS)} or a JSON file, got {s!r}")
+
+
+def convert_command(argv) -> int:
+    """``mapreps convert adm --config ffhq256|imagenet256|FILE.json --src FILE --dst DIR`` (argv after ``convert``).
+
+    Returns the process exit status (0 on success, 2 on a usage/input error).
+    """
+    from .torch_pickle import load_state_dict
+
+    argv = list(argv)
+    if argv and argv[0] == "adm":
+        argv = argv[1:]
+    elif argv and not argv[0].startswith("-"):
+        print(f"mapreps convert: unknown network kind {argv[0]!r} (supported: adm)", file=sys.stderr)
+        return 2
+    args = _parser().parse_args(argv)
+    try:
+        config, cname = _config_from_arg(args.config)
+        dst = args.dst or os.path.join("checkpoints", f"adm-{cname}")
+        if os.path.exists(dst) and not args.overwrite:
+            raise FileExistsError(f"{dst} exists (use --overwrite to replace it)")
+        print(f"[1/4] hashing {args.src} ...", flush=True)
+        digest = sha256_file(args.src)
+        print(f"      sha256 {digest}", flush=True)
+        if args.expected_sha256 and digest != args.expected_sha256.lower():
+            raise ValueError(f"--src: SHA-256 {digest} does not match --expected-sha256 {args.expected_sha256}")
+        print("[2/4] reading state dict (restricted unpickler, no code executed) ...", flush=True)
+        sd = load_state_dict(args.src)
+        print(f"      {len(sd)} tensors", flush=True)
+        print(f"[3/4] converting to Flax ({cname}) ...", flush=True)
+        params = convert_adm_state_dict(sd, config)
+        del sd
+        print(f"[4/4] saving to {dst} ...", flush=True)
+        out = save_converted(dst, params, config, source_sha256=digest, source_name=os.path.basename(args.src),
+                             overwrite=args.overwrite)
+        n = sum(a.size for a in jax.tree_util.tree_leaves(params))
+        print(f"done: {out} ({n / 1e6:.1f}M parameters)", flush=True)
+        return 0
+    except (ValueError, FileNotFoundError, FileExistsError, OSError, pickle.UnpicklingError) as e:
+        print(f"mapreps convert adm: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,135 @@
+"""Load score networks by name (``adm-ffhq256``, ``adm-imagenet256``, ...) or by path.
+
+The registry is a dict ``name -> ModelEntry`` (config factory, sub-directory under the checkpoints directory, and
+how to obtain the weights); :func:`register_model` adds entries (e.g. the library's bundled default model).
+
+The checkpoints directory is, in order: the ``checkpoints_dir`` argument, ``$MAPREPS_CHECKPOINTS``, ``./checkpoints``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, Dict, Optional
+
+from .adm import ADMConfig, adm_score_model
+from .convert import load_converted
+from ..diffusion import make_schedule
+from ..model import ScoreModel
+
+__all__ = ["ModelEntry", "ModelNotFoundError", "register_model", "registered_models", "load_model",
+           "default_checkpoints_dir"]
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A registered model's converted checkpoint is absent (the message says how to obtain and convert it)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+    """A registered model.
+
+    Attributes:
+      config: zero-argument factory of the :class:`ADMConfig`.
+      subdir: directory (under the checkpoints directory) of the converted checkpoint.
+      how_to_obtain: human instructions printed when the checkpoint is absent.
+      schedule: ``make_schedule`` kind of the model's training schedule.
+      source_sha256: expected SHA-256 of the source file (``None`` when not published).
+      loader: optional ``loader(path, entry) -> ScoreModel`` overriding the ADM loader.
+    """
+
+    config: Callable[[], ADMConfig]
+    subdir: str
+    how_to_obtain: str
+    schedule: str = "linear"
+    source_sha256: Optional[str] = None
+    loader: Optional[Callable] = None
+
+
+def _convert_hint(preset, src, subdir):
+    return (f"  mapreps convert adm --config {preset} --src {src} --dst checkpoints/{subdir}\n"
+            f"(or from Python: mapreps_jax.networks.convert_command(['adm', '--config', '{preset}', '--src', "
+            f"'{src}', '--dst', 'checkpoints/{subdir}'])). See checkpoints/README.md.")
+
+
+_REGISTRY: Dict[str, ModelEntry] = {
+    "adm-ffhq256": ModelEntry(
+        config=ADMConfig.ffhq256,
+        subdir="adm-ffhq256",
+        how_to_obtain=(
+            "Download 'ffhq_10m.pt' (the FFHQ 256x256 unconditional ADM of Chung et al., 'Diffusion Posterior "
+            "Sampling', ICLR 2023) from the checkpoint link in the DPS authors' repository "
+            "(github.com/DPS2022/diffusion-posterior-sampling, README 'Download pretrained checkpoint'), then "
+            "convert it once (no torch needed):\n" + _convert_hint("ffhq256", "ffhq_10m.pt", "adm-ffhq256")),
+    ),
+    "adm-imagenet256": ModelEntry(
+        config=ADMConfig.imagenet256,
+        subdir="adm-imagenet256",
+        how_to_obtain=(
+            "Download '256x256_diffusion_uncond.pt' (ImageNet 256x256 unconditional) from the model list of "
+            "openai/guided-diffusion (github.com/openai/guided-diffusion, README 'Download pre-trained models'), "
+            "then convert it once (no torch needed):\n"
+            + _convert_hint("imagenet256", "256x256_diffusion_uncond.pt", "adm-imagenet256")),
+    ),
+}
+
+
+def register_model(name: str, config: Callable[[], ADMConfig], subdir: str, how_to_obtain: str,
+                   schedule: str = "linear", source_sha256: Optional[str] = None,
+                   loader: Optional[Callable] = None, overwrite: bool = False) -> None:
+    """Add a model to the registry (``overwrite`` to replace an existing name)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register_model: name must be a non-empty str, got {name!r}")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"register_model: {name!r} is already registered (pass overwrite=True)")
+    _REGISTRY[name] = ModelEntry(config=config, subdir=subdir, how_to_obtain=how_to_obtain, schedule=schedule,
+                                 source_sha256=source_sha256, loader=loader)
+
+
+def registered_models() -> Dict[str, ModelEntry]:
+    """A copy of the registry."""
+    return dict(_REGISTRY)
+
+
+def default_checkpoints_dir() -> str:
+    return os.environ.get("MAPREPS_CHECKPOINTS") or os.path.join(os.getcwd(), "checkpoints")
+
+
+def load_model(name_or_path, checkpoints_dir=None, dtype: Optional[str] = None, remat: Optional[bool] = None,
+               verify: bool = True) -> ScoreModel:
+    """A :class:`~mapreps_jax.model.ScoreModel` from a registered name or a converted-checkpoint directory.
+
+    Args:
+      name_or_path: a registered name (:func:`registered_models`) or the path of a directory written by
+        :func:`~mapreps_jax.networks.convert.save_converted`.
+      checkpoints_dir: where registered models live (default :func:`default_checkpoints_dir`).
+      dtype: override the compute dtype (``"float32"`` / ``"bfloat16"``).
+      remat: override rematerialisation (``jax.checkpoint`` of every block).
+      verify: check the params checksum recorded at conversion.
+
+    Raises:
+      ModelNotFoundError: a registered model's checkpoint is absent; the message says where to download the
+        source file and the exact convert command.
+      ValueError: unknown name, or a corrupt / mismatched checkpoint.
+    """
+    name = os.fspath(name_or_path)
+    overrides = {k: v for k, v in (("dtype", dtype), ("remat", remat)) if v is not None}
+    if name in _REGISTRY:
+        entry = _REGISTRY[name]
+        root = os.fspath(checkpoints_dir) if checkpoints_dir is not None else default_checkpoints_dir()
+        path = os.path.join(root, entry.subdir)
+        if not os.path.isfile(os.path.join(path, "meta.json")):
+            raise ModelNotFoundError(f"model {name!r}: no converted checkpoint at {path}.\n{entry.how_to_obtain}")
+        if entry.loader is not None:
+            return entry.loader(path, entry, **overrides)
+        config = dataclasses.replace(entry.config(), **overrides)
+        params, config, _ = load_converted(path, expected_config=config,
+                                           expected_source_sha256=entry.source_sha256, verify=verify)
+        return adm_score_model(config, params, make_schedule(entry.schedule), name=name)
+    if os.path.isdir(name):
+        params, config, meta = load_converted(name, verify=verify)
+        if overrides:
+            config = dataclasses.replace(config, **overrides)
+        return adm_score_model(config, params, make_schedule("linear"), name=os.path.basename(name.rstrip("/")))
+    raise ValueError(f"load_model: {name!r} is neither a registered model ({', '.join(sorted(_REGISTRY))}) nor a "
+                     f"directory")
