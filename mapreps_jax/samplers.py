@@ -37,20 +37,20 @@ def _check_variance(v):
         raise ValueError(f"sampler variance: expected one of {_VARIANCES}, got {v!r}")
 
 
-def _noise_std(model, t, t_next, a_t, a_n, eta, v, variance):
+def _move(key, model, x, x0, t, t_next, a_t, a_n, eta, v, variance, noise_scale):
+    """The shared DDPM/DDIM(eta) move from ``x_t`` given ``x0`` (see module doc).
+
+    The mean always uses the DDIM(eta) std ``s`` (for eta = 1: the DDPM posterior mean, independent of the noise
+    std); the noise term is ``noise_scale * s_noise * z`` with ``s_noise = s``, or the learned-range std for
+    ``variance="learned"`` (as guided-diffusion's ``p_sample``: posterior mean + learned std, none on the last step).
+    """
+    sched = model.schedule
+    s = ddim_sigma_log(log_alpha_bar(sched, t), log_alpha_bar(sched, t_next), eta)
+    mean = ddim_step(None, x0, eps_from_x0(x, x0, a_t), a_n, s)
     if variance == "learned":
         if v is None:
             raise ValueError(f"variance='learned' needs a model with learned variance; {model.name!r} has none")
-        s = learned_range_std(model.schedule, jnp.asarray(t, jnp.int32), v)
-        return jnp.where(jnp.asarray(t_next) < 0, 0.0, s)
-    return ddim_sigma_log(log_alpha_bar(model.schedule, t), log_alpha_bar(model.schedule, t_next), eta)
-
-
-def _move(key, model, x, x0, t, t_next, a_t, a_n, eta, v, variance, noise_scale):
-    """The shared DDPM/DDIM(eta) move from ``x_t`` given ``x0`` (see module doc)."""
-    eps_hat = eps_from_x0(x, x0, a_t)
-    s = _noise_std(model, t, t_next, a_t, a_n, eta, v, variance)
-    mean = ddim_step(None, x0, eps_hat, a_n, s)
+        s = jnp.where(jnp.asarray(t_next) < 0, 0.0, learned_range_std(sched, jnp.asarray(t, jnp.int32), v))
     if jnp.ndim(s) < x.ndim:
         s = _bcast(s, x)
     return mean + noise_scale * s * jax.random.normal(key, x.shape, x.dtype)
