@@ -110,11 +110,10 @@ jax.tree_util.register_pytree_node(MAPConfig, _mapconfig_flatten, _mapconfig_unf
 
 
 class MAPState(NamedTuple):
-    """Carried from step to step: the iterate, the optax state and the step count."""
+    """Carried from step to step: the iterate and the optax state."""
 
     x: jax.Array
     opt_state: Any
-    k: jax.Array
 
 
 def _resolve_w(cfg: MAPConfig, model: ScoreModel, sigma_y):
@@ -175,9 +174,9 @@ def map_estimate(key, model: ScoreModel, op, y, *, config: MAPConfig = MAPConfig
         e = model.eps(x_t, t1, cond)
         g, _ = jax.grad(loss_fn, has_aux=True)(state.x, e)
         updates, opt_state = opt.update(g, state.opt_state, state.x)
-        return MAPState(optax.apply_updates(state.x, updates), opt_state, state.k + 1)
+        return MAPState(optax.apply_updates(state.x, updates), opt_state)
 
-    state = MAPState(x, opt.init(x), jnp.int32(0))
+    state = MAPState(x, opt.init(x))
     if not return_trace:
         return bounded_loop(body, state, n_iter, cfg.max_iter).x
 

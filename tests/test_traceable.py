@@ -157,3 +157,15 @@ def test_bad_inputs_raise_clear_errors():
         mr.REDDiffConfig(weighting="cubic")
     with pytest.raises(ValueError, match="'auto'"):
         mr.MAPConfig(w="principled")
+
+
+def test_map_trace_reports_the_data_fit_of_the_iterates():
+    prior, op, x, y = _problem()
+    model = prior.score_model(SCHED)
+    cfg = mr.MAPConfig(n_iter=40, lr=0.05, w=0.05)
+    x_map, trace = mr.map_estimate(jax.random.PRNGKey(0), model, op, y, config=cfg, return_trace=True)
+    assert trace.shape == (40, y.shape[0])
+    np.testing.assert_allclose(np.asarray(x_map), np.asarray(mr.map_estimate(jax.random.PRNGKey(0), model, op, y,
+                                                                             config=cfg)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(trace[-1]), np.asarray(jnp.sum((y - op.A(x_map)) ** 2, -1)), rtol=1e-5)
+    assert float(trace[-1].mean()) < float(trace[0].mean())
