@@ -75,7 +75,9 @@ def bench(kind, quick):
     sampler = mr.DPSStep(zeta=0.3, clip=clip)
     key = jax.random.PRNGKey(0)
     out = {"kind": kind, "batch": batch, "N": N, "t0s": t0s}
+    log = lambda msg: print(f"[{kind}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
 
+    log("start")
     # shared Stage 1 (dp_sweep) vs recomputed per t0
     mr.dp_sweep(key, model, op, y, t0s, map_config=cfg, sampler=sampler)  # compile
     t = time.perf_counter()
@@ -92,6 +94,7 @@ def bench(kind, quick):
     out["sweep_recomputed_s"] = time.perf_counter() - t
     out["sweep_recomputed_nfe"] = len(t0s) * N + sum(t0s)
 
+    log(f"sweep shared {out['sweep_shared_s']:.2f}s recomputed {out['sweep_recomputed_s']:.2f}s")
     # compile time flat in the number of steps
     for n in (10, 1000):
         # N concrete (closed over) -> a scan of exactly N steps
@@ -104,6 +107,7 @@ def bench(kind, quick):
         out[f"compile_rps_t0_{t0}_s"] = compile_time(g, key, y, op.x_init(y))
     out["compile_rps_traced_t0_s"] = compile_time(f_rps, key, y, op.x_init(y), jnp.int32(5))
 
+    log("compile times done")
     # sampler overhead at the same NFE: RPS (full grid) vs a scan of pure network forward+VJP calls
     T0 = 100 if quick else 300
     xi = op.x_init(y)

@@ -26,6 +26,10 @@ Examples::
     python scripts/train_digits_diffusion.py --steps 20000 --resume       # continue up to step 20000
     python scripts/train_digits_diffusion.py --bench 5                    # time 5 train steps and exit
 
+A snapshot of the full state is committed at ``checkpoints/default/train_state`` (a fresh clone has no ``runs/``):
+continue from it with ``--state-dir checkpoints/default/train_state --resume`` (or copy it to the default
+``--state-dir`` first).
+
 The same command runs on CPU or GPU (JAX picks the device).
 """
 
