@@ -13,7 +13,8 @@ be traced, vmapped, differentiated), flags are static. One method:
     x_next = sqrt(a_n) x0 + sqrt(1 - a_n - s^2) eps_hat + s z,   s = eta sqrt((1-a_n)/(1-a_t)) sqrt(1 - a_t/a_n)
 
 (eta = 1 on adjacent integer steps is exactly the DDPM posterior mean plus ``sqrt(beta_tilde) z``); with
-``variance="learned"`` ``s`` is the network's learned-range std (full integer grid only).
+``variance="learned"`` the mean stays the DDPM posterior mean and the noise std is the network's learned-range std
+(as guided-diffusion's ``p_sample``; full integer grid only).
 """
 
 from __future__ import annotations
