@@ -67,7 +67,7 @@ def problem(kind, batch):
 
 
 def bench(kind, quick):
-    batch = 8
+    batch = 4
     model, op, x, y, clip = problem(kind, batch)
     N = 50 if quick else 100
     t0s = [0, 25, 50, 100, 200] if quick else [0, 50, 100, 200, 400]
@@ -79,19 +79,28 @@ def bench(kind, quick):
 
     log("start")
     # shared Stage 1 (dp_sweep) vs recomputed per t0
-    mr.dp_sweep(key, model, op, y, t0s, map_config=cfg, sampler=sampler)  # compile
-    t = time.perf_counter()
-    res = mr.dp_sweep(key, model, op, y, t0s, map_config=cfg, sampler=sampler)
-    block(res.outputs)
-    out["sweep_shared_s"] = time.perf_counter() - t
-    out["sweep_shared_nfe"] = res.nfe["total"]
     mrps = jax.jit(lambda k, yy, t0: mr.map_rps(k, model, op, yy, t0, map_config=cfg, sampler=sampler,
                                                 max_steps=max(t0s)))
-    block(mrps(key, y, jnp.int32(t0s[1])))
-    t = time.perf_counter()
-    for t0 in t0s:
-        block(mrps(key, y, jnp.int32(t0)))
-    out["sweep_recomputed_s"] = time.perf_counter() - t
+
+    def shared():
+        return mr.dp_sweep(key, model, op, y, t0s, map_config=cfg, sampler=sampler)
+
+    def recomputed():
+        return [block(mrps(key, y, jnp.int32(t0))) for t0 in t0s]
+
+    res = shared()
+    recomputed()  # compile both first
+    shared_s, recomputed_s = [], []
+    for _ in range(2):  # interleaved repetitions (shared machine): keep the best of each
+        t = time.perf_counter()
+        block(shared().outputs)
+        shared_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        recomputed()
+        recomputed_s.append(time.perf_counter() - t)
+    out["sweep_shared_s"] = min(shared_s)
+    out["sweep_shared_nfe"] = res.nfe["total"]
+    out["sweep_recomputed_s"] = min(recomputed_s)
     out["sweep_recomputed_nfe"] = len(t0s) * N + sum(t0s)
 
     log(f"sweep shared {out['sweep_shared_s']:.2f}s recomputed {out['sweep_recomputed_s']:.2f}s")
