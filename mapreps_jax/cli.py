@@ -12,8 +12,9 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from typing import List, Optional
+
+from .pretrained import write_bytes_atomic as atomic_write_bytes, write_text_atomic as atomic_write_text
 
 __all__ = ["main", "atomic_write_bytes", "atomic_write_text"]
 
@@ -36,25 +37,6 @@ def _w_value(s: str):
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {s!r}")
     return s
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _add_testbed_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
