@@ -41,6 +41,7 @@ import numpy as np
 
 from ..diffusion import Schedule, make_schedule
 from ..model import ScoreModel
+from .conv import conv_general_dilated
 
 __all__ = [
     "ADMConfig",
@@ -245,7 +246,7 @@ class GroupNorm32(nn.Module):
 def _conv(features, name, dtype, kernel=3, stride=1):
     pad = kernel // 2
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                   dtype=dtype, param_dtype=jnp.float32, name=name)
+                   dtype=dtype, param_dtype=jnp.float32, name=name, conv_general_dilated=conv_general_dilated)
 
 
 def _dense(features, name, dtype):
