@@ -14,14 +14,18 @@ Where things live:
   baselines.py   DPS (-A, -S, VS), CCDF, RED-diff
   metrics.py     RMSE, PSNR, SSIM, Frechet distance, sliced W2, MMD
   testbed.py     run any algorithm on an exact prior and measure its D-P point
+  datasets.py    the bundled handwritten digits;  perception.py  digit-FD (the perceptual index on digits)
+  pretrained.py  the bundled checkpoints (digits diffusion prior, digit classifier) and atomic checkpoint I/O
+  digits.py      the digits restoration tasks and presets, ``mapreps restore``
+  demo.py        ``mapreps demo``: the D-P traversal on held-out digits (figures, metrics.json)
   networks/      Flax score networks (ADM UNet) and checkpoint conversion
 """
 
-from .diffusion import (Schedule, make_schedule, alpha_bar, log_alpha_bar, tweedie, eps_from_x0, renoise, ddim_sigma,
+from .diffusion import (Schedule, make_schedule, t_for_noise_std, alpha_bar, log_alpha_bar, tweedie, eps_from_x0, renoise, ddim_sigma,
                         ddim_sigma_log, ddim_step, posterior_variance, learned_range_std, linear_betas,
                         scaled_linear_betas, ldm_linear_betas)
 from .model import ScoreModel, from_eps_fn
-from .operators import Operator, make_operator, custom_operator, TASKS
+from .operators import Operator, make_operator, custom_operator, stack_operators, TASKS
 from .priors import (GaussianPrior, GMMPrior, GaussianPosterior, GMMPosterior, SVDGains, operator_matrix, gaussian_w2, gaussian_fit, ideal_dp_curve, oracle_map_rps_dp,
                      stage1_fixed_point, svd_gains)
 from .map_stage import MAPConfig, map_estimate, principled_weight
@@ -29,8 +33,10 @@ from .samplers import DPSStep, DDPMStep, DDNMStep, make_sampler
 from .rps_stage import rps, reverse_loop, subgrid_times, stage2_nfe
 from .continuous import rps_sde
 from .map_rps import map_rps, dp_sweep, SweepResult
-from .baselines import dps, dps_average, ccdf, red_diff, REDDiffConfig, RED_DIFF_WEIGHTINGS
+from .baselines import prior_sample, dps, dps_average, ccdf, red_diff, REDDiffConfig, RED_DIFF_WEIGHTINGS
 from .metrics import rmse, psnr, ssim, frechet_distance, sliced_w2, mmd
+from .pretrained import load_default_prior
+from .demo import DemoConfig, run_demo
 
 from .networks import (ADMConfig, adm_score_model, init_adm_params, load_model, register_model, registered_models,
                        convert_adm_state_dict, load_state_dict)

@@ -1,5 +1,7 @@
 """Baselines users compare MAP-RPS against (``ALGORITHMS.md`` section 5).
 
+* :func:`prior_sample`: unconditional samples of the prior (ancestral DDPM over all ``T`` steps, or DDIM(eta) on a
+  ``K``-step sub-grid): the reference for "what the prior alone produces".
 * :func:`dps`: DPS from ``N(0, I)`` at ``T - 1`` over all ``T`` steps (NFE ``T``, each a forward + VJP);
   ``n_steps=K`` gives DPS-S (K-step sub-grid), ``noise_scale=lambda`` VSDPS, :func:`dps_average` DPS-A.
 * :func:`ccdf`: RPS started from ``A_pinv(y)`` instead of the MAP estimate (CCDF-style "come closer").
@@ -19,10 +21,20 @@ import optax
 
 from .model import ScoreModel
 from .rps_stage import reverse_loop, rps, subgrid_times
-from .samplers import DPSStep
+from .samplers import DDPMStep, DPSStep
 from .validation import check_measurement
 
-__all__ = ["dps", "dps_average", "ccdf", "red_diff", "REDDiffConfig", "RED_DIFF_WEIGHTINGS", "red_diff_weight"]
+__all__ = ["prior_sample", "dps", "dps_average", "ccdf", "red_diff", "REDDiffConfig", "RED_DIFF_WEIGHTINGS", "red_diff_weight"]
+
+
+def prior_sample(key, model: ScoreModel, shape, *, n_steps: Optional[int] = None, sampler=None, cond=None):
+    """``x_{T-1} ~ N(0, I)`` of ``shape`` (``[B, *event]``), then the unconditional step (default
+    ``DDPMStep(clip=True)``: ancestral DDPM, each step ``x_{t-1} = mu_t(x_t, x0_hat) + sqrt(beta_tilde_t) z``) for all
+    ``T`` steps (NFE ``T``) or a ``K``-step sub-grid."""
+    sampler = DDPMStep(clip=True) if sampler is None else sampler
+    k0, k1 = jax.random.split(key)
+    x = jax.random.normal(k0, tuple(shape), jnp.float32)
+    return reverse_loop(k1, model, None, None, x, model.T - 1, sampler=sampler, cond=cond, n_steps=n_steps)
 
 
 def dps(key, model: ScoreModel, op, y, *, sampler=None, cond=None, n_steps: Optional[int] = None,

@@ -22,6 +22,7 @@ import numpy as np
 
 __all__ = [
     "Schedule",
+    "t_for_noise_std",
     "make_schedule",
     "linear_betas",
     "scaled_linear_betas",
@@ -150,6 +151,28 @@ def _bcast(a, x):
     """Broadcast a per-sample scalar array ``a`` (shape ``[]`` or ``[B]``) against ``x`` of shape ``[B, ...]``."""
     a = jnp.asarray(a, x.dtype)
     return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
+
+
+def t_for_noise_std(schedule: Schedule, sigma, n_iter: int = 40) -> jax.Array:
+    """The real time ``t`` at which ``x_t / sqrt(alpha_bar(t))`` carries Gaussian noise of std ``sigma``:
+    ``(1 - alpha_bar(t)) / alpha_bar(t) = sigma^2`` (so ``y = x + sigma n`` is ``x_t = sqrt(alpha_bar(t)) y``).
+
+    Bisection on :func:`alpha_bar`'s interpolation over ``[-1, T-1]`` (``n_iter`` halvings: exact to
+    ``T / 2^n_iter``); ``sigma`` of any shape, clamped to the schedule's range. Traceable, not differentiable.
+    """
+    sigma = jnp.asarray(sigma, jnp.float32)
+    target = -jnp.log1p(sigma * sigma)  # log alpha_bar(t) at the answer
+    lo = jnp.full(sigma.shape, -1.0, jnp.float32)
+    hi = jnp.full(sigma.shape, float(schedule.T - 1), jnp.float32)
+
+    def body(_, lh):
+        lo, hi = lh
+        mid = 0.5 * (lo + hi)
+        above = log_alpha_bar(schedule, mid) > target  # alpha_bar decreases in t: the answer is later than mid
+        return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, int(n_iter), body, (lo, hi))
+    return 0.5 * (lo + hi)
 
 
 def tweedie(x_t, eps, a, clip: bool = False):

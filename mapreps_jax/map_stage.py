@@ -63,8 +63,10 @@ class MAPConfig:
     """Stage-1 hyper-parameters. Numeric fields are pytree leaves (traceable: ``grad``/``vmap`` over them).
 
     Attributes:
-      t1: diffusion time at which the prior gradient is read (default 10 pixel, 50 latent).
-      w: prior weight, or the string ``"auto"`` (principled weight from ``sigma_y``; static).
+      t1: diffusion time at which the prior gradient is read (default 10 pixel, 50 latent); a scalar or ``[B]``
+        (one per image, e.g. a batch that mixes tasks).
+      w: prior weight, or the string ``"auto"`` (principled weight from ``sigma_y``; static). A number, or an
+        array broadcastable against ``x`` (e.g. ``[B, 1, 1, 1]``: one weight per image; so is ``sigma_y``).
       n_iter: number of AdamW steps ``N`` (traceable; see ``max_iter``).
       lr, lr_min: cosine learning-rate schedule from ``lr`` to ``lr_min``.
       weight_decay: AdamW decoupled weight decay (0.01).
@@ -116,11 +118,11 @@ class MAPState(NamedTuple):
     opt_state: Any
 
 
-def _resolve_w(cfg: MAPConfig, model: ScoreModel, sigma_y):
+def _resolve_w(cfg: MAPConfig, a, sigma_y):
     if isinstance(cfg.w, str):
         if sigma_y is None:
             raise ValueError("map_estimate: w='auto' needs sigma_y (the measurement noise std, [-1,1] units)")
-        return principled_weight(sigma_y, model.alpha_bar(jnp.asarray(cfg.t1, jnp.float32)), cfg.r2)
+        return principled_weight(sigma_y, a, cfg.r2)
     return jnp.asarray(cfg.w, jnp.float32)
 
 
@@ -145,9 +147,11 @@ def map_estimate(key, model: ScoreModel, op, y, *, config: MAPConfig = MAPConfig
     y = check_measurement(op, y, "map_estimate")
     cfg = config
     x = op.x_init(y) if x_init is None else jnp.asarray(x_init, jnp.float32)
-    w = _resolve_w(cfg, model, sigma_y)
     t1 = jnp.asarray(cfg.t1, jnp.float32)
     a = model.alpha_bar(t1)
+    if a.ndim:  # one t1 per image ([B]): broadcast over the event axes
+        a = a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
+    w = _resolve_w(cfg, a, sigma_y)
     n_iter = cfg.n_iter
     axes = _event_axes(y, op)
 
@@ -163,7 +167,7 @@ def map_estimate(key, model: ScoreModel, op, y, *, config: MAPConfig = MAPConfig
     def loss_fn(x, e):
         r = y - op.A(x)
         fit = safe_norm(r, axes) if cfg.stable else jnp.sum(r * r, axis=axes)
-        return jnp.sum(fit) + w * jnp.sum(e * x), fit
+        return jnp.sum(fit) + jnp.sum(w * e * x), fit
 
     def body(k, state: MAPState):
         n = jax.random.normal(jax.random.fold_in(key, k), state.x.shape, state.x.dtype)

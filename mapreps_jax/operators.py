@@ -60,6 +60,7 @@ __all__ = [
     "Operator",
     "make_operator",
     "custom_operator",
+    "stack_operators",
     "TASKS",
     "fwht",
     "gaussian_kernel",
@@ -114,18 +115,27 @@ def _complex_of(dtype):
     return jnp.result_type(dtype, jnp.complex64)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _apply_batched(fn, nb, data, v):
+@functools.partial(jax.jit, static_argnums=(0, 1, 4))
+def _apply_batched(fn, nb, data, v, per_image: bool = False):
     """``fn(data, .)`` mapped (``vmap``) over the ``nb`` leading axes of ``v``. Jitted with ``fn`` static (value-equal
     :class:`_Fn` wrappers), so eager calls compile once per configuration and shape instead of dispatching every
-    primitive; inside an outer ``jit`` it is simply inlined."""
+    primitive; inside an outer ``jit`` it is simply inlined.
 
-    def single(t):
-        return fn(data, t)
+    ``per_image``: ``data = (per_image_tree, shared_tree)``; the leaves of ``per_image_tree`` carry a leading axis
+    mapped together with the innermost batch axis of ``v`` (the image axis); ``shared_tree`` is broadcast."""
 
+    def single(d, t):
+        return fn(d, t)
+
+    if per_image:
+        f = jax.vmap(single, in_axes=((0, None), 0))
+        for _ in range(nb - 1):
+            f = jax.vmap(f, in_axes=(None, 0))
+        return f(data, v)
+    f = lambda t: single(data, t)  # noqa: E731
     for _ in range(nb):
-        single = jax.vmap(single)
-    return single(v)
+        f = jax.vmap(f)
+    return f(v)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,6 +159,10 @@ class Operator:
       pinv_fn: static ``(data, y_single) -> x_single``, a pseudo-inverse ``A^+`` (``None`` when there is none).
       init_fn: static ``(data, y_single) -> x_single``, a starting point for algorithms (``A^+ y`` for linear
         operators, a documented heuristic for nonlinear ones).
+      per_image_data: static; ``data = (per_image, shared)`` with one entry of ``per_image`` per image of a fixed
+        batch (:func:`stack_operators`); ``False`` (default): the same data for every image.
+      valid_fn: static ``(data, y_single) -> 0/1`` mask of the measurement entries that are real (the others are
+        padding and get no noise in :meth:`measure`); ``None``: all entries are real.
     """
 
     data: Any
@@ -160,6 +174,8 @@ class Operator:
     adjoint_fn: Optional[Callable] = dataclasses.field(default=None, metadata=dict(static=True))
     pinv_fn: Optional[Callable] = dataclasses.field(default=None, metadata=dict(static=True))
     init_fn: Optional[Callable] = dataclasses.field(default=None, metadata=dict(static=True))
+    per_image_data: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    valid_fn: Optional[Callable] = dataclasses.field(default=None, metadata=dict(static=True))
 
     # -- batching -------------------------------------------------------------------------------------------------
 
@@ -171,7 +187,14 @@ class Operator:
             raise ValueError(
                 f"Operator {self.name!r}.{method}: {arg} must have shape (*batch, {', '.join(map(str, event_shape))})"
                 f" i.e. trailing shape {event_shape}; got shape {tuple(v.shape)}")
-        return _apply_batched(fn, nb, self.data, v)
+        if self.per_image_data:
+            n_img = jax.tree_util.tree_leaves(self.data[0])[0].shape[0]
+            if nb < 1 or v.shape[nb - 1] != n_img:
+                raise ValueError(
+                    f"Operator {self.name!r}.{method}: this operator holds one task per image for a batch of {n_img} "
+                    f"images, so {arg} must have shape (..., {n_img}, {', '.join(map(str, event_shape))}); "
+                    f"got shape {tuple(v.shape)}")
+        return _apply_batched(fn, nb, self.data, v, self.per_image_data)
 
     # -- methods --------------------------------------------------------------------------------------------------
 
@@ -212,6 +235,8 @@ class Operator:
         an array broadcastable against ``A(x)``). Deterministic in ``key``."""
         y = self.A(x)
         n = jax.random.normal(key, y.shape, y.dtype)
+        if self.valid_fn is not None:  # padded entries (see stack_operators) stay exactly zero
+            n = n * self._map(self.valid_fn, y, self.out_shape, "y", "measure")
         return y + jnp.asarray(sigma_y, y.dtype) * n
 
     def matrix(self, dtype=None):
@@ -246,6 +271,80 @@ def custom_operator(name: str, in_shape: tuple, out_shape: tuple, forward_fn: Ca
     return Operator(data={} if data is None else data, name=name, in_shape=in_shape, out_shape=out_shape,
                     linear=bool(linear), forward_fn=forward_fn, adjoint_fn=adjoint_fn, pinv_fn=pinv_fn,
                     init_fn=init_fn)
+
+
+def stack_operators(ops, counts) -> Operator:
+    """One operator for a batch that mixes several tasks: image ``i`` of the batch is measured by
+    ``ops[task(i)]``, with ``task = repeat(arange(len(ops)), counts)`` (contiguous blocks).
+
+    All ``ops`` must share ``in_shape``. Measurements are flattened and zero-padded to the longest one:
+    ``out_shape = (max_j prod(ops[j].out_shape),)``; the padded entries are exactly zero in ``A(x)`` and in
+    :meth:`Operator.measure` (no noise there), so every per-image norm and sum (DPS, MAP) equals that of the image's
+    own task. Per-image means over ``y`` (RED-diff's data term) are over the padded length ``M``: multiply by
+    ``M / prod(out_shape_j)`` to recover the task's own mean. The operator is bound to batches of exactly
+    ``sum(counts)`` images (on the innermost batch axis).
+
+    Why: one compiled sampler (one ``jit`` of MAP, RPS, DPS, ...) serves every task of the batch, and the network
+    runs on the whole batch at once. Each image evaluates every task's forward map (a ``lax.switch`` under ``vmap``
+    is a select), which is cheap next to a network evaluation. Methods that some ``op`` lacks (``AT`` of a nonlinear
+    operator, ``pinv``) are absent from the stack.
+    """
+    ops = tuple(ops)
+    counts = tuple(int(c) for c in counts)
+    if not ops or len(ops) != len(counts):
+        raise ValueError(f"stack_operators: expected one count per operator, got {len(ops)} operators and counts "
+                         f"{counts}")
+    if any(c < 1 for c in counts):
+        raise ValueError(f"stack_operators: every count must be >= 1, got {counts}")
+    for op in ops:
+        if not isinstance(op, Operator):
+            raise TypeError(f"stack_operators: expected Operator instances, got {type(op).__name__}")
+        if op.per_image_data:
+            raise ValueError(f"stack_operators: operator {op.name!r} is already a stack")
+    in_shape = ops[0].in_shape
+    for op in ops[1:]:
+        if op.in_shape != in_shape:
+            raise ValueError(f"stack_operators: every operator must have in_shape {in_shape}; {op.name!r} has "
+                             f"{op.in_shape}")
+    out_shapes = tuple(op.out_shape for op in ops)
+    sizes = tuple(math.prod(o) for o in out_shapes)
+    M = max(sizes)
+    task = jnp.asarray(np.repeat(np.arange(len(ops)), counts), jnp.int32)
+    data = ({"task": task}, tuple(op.data for op in ops))
+
+    def stacked(fns, kind):
+        if any(f is None for f in fns):
+            return None
+        return _fn(_stack_to_x if kind == "to_x" else _stack_to_y, fns=tuple(fns), sizes=sizes,
+                   out_shapes=out_shapes, M=M)
+
+    linear = all(op.linear for op in ops)
+    inits = [op.init_fn if op.init_fn is not None else op.pinv_fn for op in ops]
+    return Operator(data=data, name="stack(" + ",".join(op.name for op in ops) + ")", in_shape=in_shape,
+                    out_shape=(M,), linear=linear, forward_fn=stacked([op.forward_fn for op in ops], "to_y"),
+                    adjoint_fn=stacked([op.adjoint_fn for op in ops], "to_x") if linear else None,
+                    pinv_fn=stacked([op.pinv_fn for op in ops], "to_x"), init_fn=stacked(inits, "to_x"),
+                    per_image_data=True, valid_fn=_fn(_stack_valid, sizes=sizes))
+
+
+def _stack_to_y(data, x, *, fns, sizes, out_shapes, M):
+    per, shared = data
+    branches = [functools.partial(lambda j, v: jnp.pad(fns[j](shared[j], v).reshape(-1), (0, M - sizes[j])), j)
+                for j in range(len(fns))]
+    return lax.switch(per["task"], branches, x)
+
+
+def _stack_to_x(data, y, *, fns, sizes, out_shapes, M):
+    per, shared = data
+    branches = [functools.partial(lambda j, v: fns[j](shared[j], v[:sizes[j]].reshape(out_shapes[j])), j)
+                for j in range(len(fns))]
+    return lax.switch(per["task"], branches, y)
+
+
+def _stack_valid(data, y, *, sizes):
+    per, _ = data
+    n = jnp.asarray(sizes, jnp.int32)[per["task"]]
+    return (jnp.arange(y.shape[0]) < n).astype(y.dtype)
 
 
 def _lt_adjoint(data, y, *, fwd, in_shape):

@@ -63,9 +63,9 @@ def test_testbed_bad_input(capsys):
     assert rc == 2 and "--keep" in err and "9" in err
 
 
-def test_demo_writes_plot_and_json(tmp_path, capsys):
+def test_testbed_demo_writes_plot_and_json(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc, _, _ = _run(capsys, ["demo", "--out", str(out), "--dim", "4", "--t0", "0,300,999", "--n-measurements", "200",
+    rc, _, _ = _run(capsys, ["testbed-demo", "--out", str(out), "--dim", "4", "--t0", "0,300,999", "--n-measurements", "200",
                              "--n-iter", "100", "--quiet"])
     assert rc == 0
     png = out / "dp_curve.png"

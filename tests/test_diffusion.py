@@ -118,3 +118,19 @@ def test_learned_range_std_endpoints():
         np.testing.assert_allclose(np.asarray(hi), np.sqrt(betas[i]), rtol=1e-5)
         np.testing.assert_allclose(np.asarray(lo), np.sqrt(bt), rtol=1e-6)
         np.testing.assert_allclose(np.asarray(mid), (betas[i] * bt) ** 0.25, rtol=1e-6)
+
+
+def test_t_for_noise_std_inverts_alpha_bar():
+    """(1 - a(t)) / a(t) = sigma^2 at the returned t, for scalars and arrays (property of the inverse)."""
+    from mapreps_jax.diffusion import alpha_bar, make_schedule, t_for_noise_std
+
+    sched = make_schedule("linear")
+    sig = jnp.asarray([0.01, 0.1, 0.4, 1.0, 10.0])
+    t = t_for_noise_std(sched, sig)
+    a = alpha_bar(sched, t)
+    np.testing.assert_allclose((1 - a) / a, sig ** 2, rtol=1e-3)
+    assert bool(jnp.all(jnp.diff(t) > 0))
+    # integer grid points come back as themselves
+    t_int = jnp.asarray([5, 100, 700])
+    a_int = alpha_bar(sched, t_int)
+    np.testing.assert_allclose(t_for_noise_std(sched, jnp.sqrt((1 - a_int) / a_int)), t_int, atol=1e-2)

@@ -1,0 +1,266 @@
+"""``mapreps demo``: the distortion-perception traversal on real handwritten digits with the bundled prior.
+
+On the first ``n_images`` held-out digits, for each task of :data:`~mapreps_jax.digits.DEMO_TASKS` (super-resolution
+x4, 12x12 box inpainting, Gaussian deblur, denoising):
+
+* **MAP-RPS**: Stage 1 (``N`` AdamW steps, the task's ``t1`` and ``w``) once, then Stage 2 (DPS, ``K``-step
+  sub-grid: MAP-RPS-S) for every ``t0`` of the sweep; ``t0 = 0`` is the MAP estimate itself;
+* **DPS** (``K``-step sub-grid, DPS-S): the same compiled Stage 2 started from ``t0 = T`` with ``x_init = 0``, i.e.
+  ``x_{T-1} ~ N(0, (1 - alpha_bar_{T-1}) I)`` (DPS starts from ``N(0, I)``; the two stds differ by 2e-5);
+* **RED-diff** (``S`` steps, lambda 0.25, lr 0.25, linear weighting).
+
+All tasks run as ONE batch through :func:`~mapreps_jax.operators.stack_operators` (one compiled program per
+algorithm for all tasks; per-image ``sigma_y``, ``w`` and ``zeta``). Distortion is RMSE on [0, 1] (mean over images);
+perception is digit-FD to the 500 held-out digits (:mod:`~mapreps_jax.perception`; not FID, biased upwards for
+small sets: ``digit_fd_clean`` reports the value of the clean images themselves at the same set size).
+NFE per image: MAP-RPS sweep ``N + sum_t0 min(K, t0)``, DPS ``K``, RED-diff ``S``.
+
+Outputs (:func:`write_demo`): ``dp_curve.png`` (RMSE against digit-FD, one line per method, ``t0`` labelled),
+``grid.png`` (truth, measurement, MAP, each ``t0``, DPS, RED-diff), ``metrics.json``; written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .baselines import REDDiffConfig, red_diff
+from .digits import DEMO_TASKS, dps_zeta, make_task
+from .map_rps import map_estimate_jit, rps_jit
+from .map_stage import MAPConfig
+from .metrics import rmse
+from .operators import stack_operators
+from .samplers import DPSStep
+
+__all__ = ["DemoConfig", "QUICK", "run_demo", "write_demo", "demo_figures", "nfe_budget"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of the demo (defaults: under 5 minutes on a 2-core CPU; :data:`QUICK`: under 1 minute)."""
+
+    tasks: Sequence[str] = ("sr4", "inpaint", "deblur", "denoise")
+    t0: Sequence[int] = (0, 100, 200, 400, 600, 1000)
+    n_images: int = 16          # held-out digits per task
+    seed: int = 0
+    n_iter: int = 100           # Stage-1 N
+    stage2_steps: int = 20      # K of MAP-RPS-S and DPS-S
+    red_diff_steps: int = 100   # S
+
+    def validate(self, T: int = 1000) -> "DemoConfig":
+        tasks = tuple(self.tasks)
+        if not tasks:
+            raise ValueError("demo: expected at least one task")
+        for t in tasks:
+            if t not in DEMO_TASKS:
+                raise ValueError(f"demo: unknown task {t!r}; expected one of {list(DEMO_TASKS)}")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"demo: tasks must be distinct, got {list(tasks)}")
+        t0 = tuple(sorted({int(t) for t in self.t0}))
+        if not t0 or t0[0] < 0 or t0[-1] > T:
+            raise ValueError(f"demo: every t0 must be in [0, {T}], got {list(self.t0)}")
+        for name in ("n_images", "n_iter", "stage2_steps", "red_diff_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"demo: {name} must be >= 1, got {getattr(self, name)}")
+        if self.n_images > 500:
+            raise ValueError(f"demo: n_images must be at most 500 (the held-out set), got {self.n_images}")
+        return dataclasses.replace(self, tasks=tasks, t0=t0)
+
+
+QUICK = DemoConfig(t0=(0, 500, 1000), n_images=16, n_iter=40, stage2_steps=10, red_diff_steps=10)
+
+
+def nfe_budget(cfg: DemoConfig) -> dict:
+    """Network evaluations per image: the MAP-RPS sweep ``N + sum_t0 min(K, t0)`` (Stage 1 once), DPS ``K``,
+    RED-diff ``S``, and their ``total``."""
+    stage2 = [0 if t == 0 else min(cfg.stage2_steps, t) for t in cfg.t0]
+    out = {"map_rps_sweep": cfg.n_iter + sum(stage2), "map_rps_stage1": cfg.n_iter, "map_rps_stage2": stage2,
+           "dps": cfg.stage2_steps, "red_diff": cfg.red_diff_steps}
+    out["total"] = out["map_rps_sweep"] + out["dps"] + out["red_diff"]
+    return out
+
+
+def run_demo(model, cfg: DemoConfig = DemoConfig(), progress: Optional[Callable[[int, str], None]] = None) -> dict:
+    """Run the demo (see module doc). Returns ``{"metrics": json-able dict, "images": {task: {...}}}``.
+
+    ``progress(nfe_done, label)`` is called after each compiled stage with the network evaluations done so far
+    (per image; the total is ``metrics["nfe"]["total"]``).
+    """
+    from .datasets import load_digits, to_model_range
+    from .perception import digit_fd
+
+    cfg = cfg.validate(model.T)
+    t_start = time.perf_counter()
+    n, k = cfg.n_images, len(cfg.tasks)
+    x_u8, _ = load_digits("test")
+    x = jnp.asarray(to_model_range(x_u8[:n]))
+    presets, ops = zip(*(make_task(t, cfg.seed) for t in cfg.tasks))
+    op = stack_operators(ops, [n] * k)
+    x_all = jnp.tile(x, (k, 1, 1, 1))
+    per_img = lambda vals: jnp.repeat(jnp.asarray(vals, jnp.float32), n)[:, None, None, None]  # noqa: E731
+    sigma = per_img([p.sigma_y for p in presets])
+    zeta = per_img([dps_zeta(p, cfg.stage2_steps) for p in presets])
+    lr = per_img([p.lr for p in presets])
+    w = per_img([p.w for p in presets])
+    t1 = jnp.repeat(jnp.asarray([p.t1 for p in presets], jnp.float32), n)
+    # RED-diff's data term is a per-image MEAN over y: undo the stack's zero padding (M entries instead of m_j).
+    obs_w = per_img([op.out_size / o.out_size for o in ops])[:, 0, 0, 0]
+
+    key = jax.random.PRNGKey(cfg.seed)
+    k_meas, k_map, k_rps, k_dps, k_red = jax.random.split(key, 5)
+    y = op.measure(k_meas, x_all, sigma[:, :, 0, 0])
+    done = 0
+
+    def tick(nfe, label):
+        nonlocal done
+        done += nfe
+        if progress is not None:
+            progress(done, label)
+
+    timings = {}
+    t = time.perf_counter()
+    x_map = map_estimate_jit(k_map, model, op, y, config=MAPConfig(t1=t1, w=w, n_iter=cfg.n_iter, lr=lr),
+                             sigma_y=sigma).block_until_ready()
+    timings["stage1"] = time.perf_counter() - t
+    tick(cfg.n_iter, "Stage 1 (MAP)")
+    sampler = DPSStep(zeta=zeta, clip=True)
+    outs = []
+    t = time.perf_counter()
+    for t0 in cfg.t0:
+        if t0 == 0:
+            outs.append(x_map)
+            continue
+        outs.append(rps_jit(k_rps, model, op, y, x_map, jnp.int32(t0), sampler=sampler,
+                            n_steps=cfg.stage2_steps).block_until_ready())
+        tick(min(cfg.stage2_steps, t0), f"Stage 2, t0={t0}")
+    timings["stage2"] = time.perf_counter() - t
+    outs = jnp.clip(jnp.stack(outs), -1.0, 1.0)
+    t = time.perf_counter()
+    x_dps = jnp.clip(rps_jit(k_dps, model, op, y, jnp.zeros_like(x_all), jnp.int32(model.T), sampler=sampler,
+                             n_steps=cfg.stage2_steps), -1.0, 1.0).block_until_ready()
+    timings["dps"] = time.perf_counter() - t
+    tick(cfg.stage2_steps, "DPS")
+    t = time.perf_counter()
+    x_red = jnp.clip(jax.jit(red_diff)(k_red, model, op, y, config=REDDiffConfig(
+        n_steps=cfg.red_diff_steps, obs_weight=obs_w)), -1.0, 1.0).block_until_ready()
+    timings["red_diff"] = time.perf_counter() - t
+    tick(cfg.red_diff_steps, "RED-diff")
+
+    def score(imgs, sl):
+        return {"rmse": float(jnp.mean(rmse(imgs[sl], x))), "digit_fd": float(digit_fd(imgs[sl]))}
+
+    tasks, images = {}, {}
+    x_meas = op.x_init(y)
+    for j, (name, p, o) in enumerate(zip(cfg.tasks, presets, ops)):
+        sl = slice(j * n, (j + 1) * n)
+        tasks[name] = {
+            "description": p.description, "operator": o.name, "sigma_y": p.sigma_y, "t1": p.t1, "w": p.w,
+            "zeta": dps_zeta(p, cfg.stage2_steps),
+            "map_rps": [dict(t0=int(t0), **score(out, sl)) for t0, out in zip(cfg.t0, outs)],
+            "dps": score(x_dps, sl), "red_diff": score(x_red, sl),
+            "measurement_pinv": score(jnp.clip(x_meas, -1, 1), sl),
+        }
+        images[name] = {"truth": np.asarray(x), "measurement": np.asarray(jnp.clip(x_meas[sl], -1, 1)),
+                        "map_rps": np.asarray(outs[:, sl]), "dps": np.asarray(x_dps[sl]),
+                        "red_diff": np.asarray(x_red[sl])}
+    nfe = nfe_budget(cfg)
+    metrics = {
+        "config": {**dataclasses.asdict(cfg), "tasks": list(cfg.tasks), "t0": list(cfg.t0)},
+        "digit_fd_clean": float(digit_fd(x)),
+        "tasks": tasks, "nfe": nfe,
+        "seconds": {**{k_: round(v, 2) for k_, v in timings.items()},
+                    "total": round(time.perf_counter() - t_start, 2)},
+        "model": model.name, "backend": jax.default_backend(),
+        "units": "RMSE on [0, 1] (mean over images); digit-FD to the 500 held-out digits (lower is better)",
+    }
+    return {"metrics": metrics, "images": images}
+
+
+_METHOD_STYLE = {"MAP-RPS": dict(marker="o", color="C0"), "DPS": dict(marker="s", color="C3"),
+                 "RED-diff": dict(marker="^", color="C2")}
+
+
+def demo_figures(result: dict, n_show: int = 4) -> dict:
+    """``{"dp_curve.png": bytes, "grid.png": bytes}`` from :func:`run_demo`'s result."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = result["metrics"]
+    names = list(m["tasks"])
+    ncol = min(len(names), 2)
+    nrow = (len(names) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 4.0 * nrow), dpi=110, squeeze=False)
+    for ax, name in zip(axes.ravel(), names):
+        r = m["tasks"][name]
+        pts = r["map_rps"]
+        ax.plot([p["digit_fd"] for p in pts], [p["rmse"] for p in pts], label="MAP-RPS (t0 sweep)",
+                **_METHOD_STYLE["MAP-RPS"])
+        for p in pts:
+            ax.annotate(f"t0={p['t0']}", (p["digit_fd"], p["rmse"]), textcoords="offset points", xytext=(5, 4),
+                        fontsize=7)
+        for key_, label in (("dps", "DPS"), ("red_diff", "RED-diff")):
+            ax.plot([r[key_]["digit_fd"]], [r[key_]["rmse"]], linestyle="none", label=label, **_METHOD_STYLE[label])
+        ax.axvline(m["digit_fd_clean"], color="gray", lw=0.8, ls=":", label="clean digits (same n)")
+        ax.set_xscale("log")
+        ax.set_title(f"{name}: {r['description']}, sigma_y={r['sigma_y']}", fontsize=9)
+        ax.set_xlabel("digit-FD to held-out digits (perception, lower is better)")
+        ax.set_ylabel("RMSE on [0, 1] (distortion)")
+        ax.legend(fontsize=7)
+    for ax in axes.ravel()[len(names):]:
+        ax.axis("off")
+    fig.suptitle(f"Distortion-perception traversal, {m['config']['n_images']} held-out digits per task", fontsize=10)
+    fig.tight_layout()
+    files = {"dp_curve.png": _png(fig, plt)}
+
+    t0s = m["config"]["t0"]
+    cols = ["truth", "measurement"] + [("MAP" if t == 0 else f"t0={t}") for t in t0s] + ["DPS", "RED-diff"]
+    show = min(n_show, m["config"]["n_images"])
+    rows = len(names) * show
+    fig, axes = plt.subplots(rows, len(cols), figsize=(0.9 * len(cols), 0.9 * rows + 0.4), dpi=110,
+                             squeeze=False)
+    for ti, name in enumerate(names):
+        im = result["images"][name]
+        for i in range(show):
+            row = axes[ti * show + i]
+            panels = [im["truth"][i], im["measurement"][i]] + [o[i] for o in im["map_rps"]] + [im["dps"][i],
+                                                                                               im["red_diff"][i]]
+            for ax, pic in zip(row, panels):
+                ax.imshow(np.asarray(pic)[..., 0], cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+            if i == 0:
+                row[0].set_ylabel(name, fontsize=8)
+    for ax, c in zip(axes[0], cols):
+        ax.set_title(c, fontsize=7)
+    fig.tight_layout(pad=0.2)
+    files["grid.png"] = _png(fig, plt)
+    return files
+
+
+def _png(fig, plt) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_demo(result: dict, out_dir: str) -> list:
+    """Write ``dp_curve.png``, ``grid.png`` and ``metrics.json`` into ``out_dir`` (each file atomically)."""
+    from .pretrained import write_bytes_atomic, write_text_atomic
+
+    files = demo_figures(result)
+    os.makedirs(out_dir, exist_ok=True)
+    for name, data in files.items():
+        write_bytes_atomic(os.path.join(out_dir, name), data)
+    write_text_atomic(os.path.join(out_dir, "metrics.json"), json.dumps(result["metrics"], indent=2) + "\n")
+    return sorted(list(files) + ["metrics.json"])
