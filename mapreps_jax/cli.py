@@ -246,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: D-P traversal on held-out digits (plots and JSON)")
     p.add_argument("--out", default="mapreps_demo", help="output folder (default mapreps_demo)")
     p.add_argument("--tasks", type=_comma_list, default=None, help="comma-separated: sr4,inpaint,deblur,denoise")
-    p.add_argument("--t0", type=_int_list, default=None, help="comma-separated re-noising times "
-                                                              "(default 0,100,200,400,600,1000)")
+    p.add_argument("--t0", type=_int_list, default=None, help="comma-separated re-noising times; 0 (the MAP "
+                                                              "estimate) is always added (default 0,100,200,400,600,1000)")
     p.add_argument("--n-images", type=int, default=None, help="held-out digits per task (default 16)")
     p.add_argument("--seed", type=int, default=None, help="measurement noise and sampler seed (default 0)")
     p.add_argument("--steps", type=int, default=None, help="Stage-2 / DPS sub-grid steps K (default 20)")

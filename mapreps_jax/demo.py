@@ -64,7 +64,7 @@ class DemoConfig:
                 raise ValueError(f"demo: unknown task {t!r}; expected one of {list(DEMO_TASKS)}")
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"demo: tasks must be distinct, got {list(tasks)}")
-        t0 = tuple(sorted({int(t) for t in self.t0}))
+        t0 = tuple(sorted({0} | {int(t) for t in self.t0}))  # t0 = 0 (the MAP estimate) is always shown
         if not t0 or t0[0] < 0 or t0[-1] > T:
             raise ValueError(f"demo: every t0 must be in [0, {T}], got {list(self.t0)}")
         for name in ("n_images", "n_iter", "stage2_steps", "red_diff_steps"):
