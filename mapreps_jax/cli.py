@@ -157,7 +157,7 @@ def _comma_list(s: str) -> List[str]:
 
 def cmd_testbed_demo(args) -> int:
     """Exact-prior D-P demo: MAP-RPS and oracle MAP-RPS over a t0 sweep, with the ideal curve."""
-    import io
+    from .demo import figure_png
 
     from .testbed import run_testbed
 
@@ -202,10 +202,7 @@ def cmd_testbed_demo(args) -> int:
     ax.set_title(f"{args.prior} prior, d={args.dim}, {args.operator}, sigma_y={args.sigma_y}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(os.path.join(args.out, "dp_curve.png"), buf.getvalue())
+    atomic_write_bytes(os.path.join(args.out, "dp_curve.png"), figure_png(fig))
     atomic_write_text(os.path.join(args.out, "metrics.json"), json.dumps(results, indent=2) + "\n")
     print(json.dumps({a: [{k: p[k] for k in ("t0", "D", "P", "D_ideal")} for p in r["points"]]
                       for a, r in results.items()}, indent=1))

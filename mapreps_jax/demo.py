@@ -40,7 +40,7 @@ from .metrics import rmse
 from .operators import stack_operators
 from .samplers import DPSStep
 
-__all__ = ["DemoConfig", "QUICK", "run_demo", "write_demo", "demo_figures", "nfe_budget"]
+__all__ = ["DemoConfig", "QUICK", "run_demo", "write_demo", "demo_figures", "figure_png", "nfe_budget"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +220,7 @@ def demo_figures(result: dict, n_show: int = 4) -> dict:
         ax.axis("off")
     fig.suptitle(f"Distortion-perception traversal, {m['config']['n_images']} held-out digits per task", fontsize=10)
     fig.tight_layout()
-    files = {"dp_curve.png": _png(fig, plt)}
+    files = {"dp_curve.png": figure_png(fig)}
 
     t0s = m["config"]["t0"]
     cols = ["truth", "measurement"] + [("MAP" if t == 0 else f"t0={t}") for t in t0s] + ["DPS", "RED-diff"]
@@ -243,11 +243,14 @@ def demo_figures(result: dict, n_show: int = 4) -> dict:
     for ax, c in zip(axes[0], cols):
         ax.set_title(c, fontsize=7)
     fig.tight_layout(pad=0.2)
-    files["grid.png"] = _png(fig, plt)
+    files["grid.png"] = figure_png(fig)
     return files
 
 
-def _png(fig, plt) -> bytes:
+def figure_png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
