@@ -16,7 +16,7 @@ denoise     identity                                           0.8      10     8
 On this strongly non-Gaussian prior (thin strokes on black) the prior gradient read at ``t1 = 10`` draws stroke
 artefacts into the large unobserved regions of x4 super-resolution and inpainting (RMSE above the pseudo-inverse's in
 the tuning runs); reading it at a larger ``t1`` (a smoother prior) gives the low-distortion MAP start that MAP-RPS
-needs. Stage 2 and DPS run on a ``K``-step sub-grid (DPS-S) with ``zeta = preset.zeta * 100 / K``: fewer, larger
+needs. Stage 2 and DPS run on a ``K``-step sub-grid (DPS-S) with ``zeta = preset.zeta * max(1, 100 / K)``: fewer, larger
 steps need a proportionally larger guidance step (``zeta = 1`` at ``K = 100``).
 
 ``mapreps demo`` (:mod:`mapreps_jax.demo`) runs all of them as one batch; :func:`restore_files` is
@@ -37,8 +37,8 @@ from .map_stage import MAPConfig
 from .operators import make_operator
 from .samplers import DPSStep
 
-__all__ = ["DEMO_TASKS", "RESTORE_TASKS", "TaskPreset", "make_task", "restore_image", "restore_files", "read_gray_png",
-           "png_bytes", "IMAGE_SHAPE", "dps_zeta"]
+__all__ = ["DEMO_TASKS", "RESTORE_TASKS", "TaskPreset", "make_task", "restore", "restore_image", "restore_files",
+           "read_gray_png", "png_bytes", "IMAGE_SHAPE", "dps_zeta"]
 
 IMAGE_SHAPE = (32, 32, 1)
 
@@ -70,9 +70,10 @@ DEMO_TASKS: Dict[str, TaskPreset] = {
 }
 
 
-def dps_zeta(preset: TaskPreset, n_steps: int) -> float:
-    """DPS step size on a ``K``-step sub-grid: ``preset.zeta * 100 / K``."""
-    return float(preset.zeta) * 100.0 / int(n_steps)
+def dps_zeta(preset: TaskPreset, n_steps: Optional[int]) -> float:
+    """DPS step size on a ``K``-step sub-grid: ``preset.zeta * max(1, 100 / K)`` (``preset.zeta`` from ``K = 100``
+    up to the full grid, ``n_steps=None``)."""
+    return float(preset.zeta) * (1.0 if n_steps is None else max(1.0, 100.0 / int(n_steps)))
 
 
 def make_task(name: str, seed: int = 0):
@@ -87,15 +88,24 @@ def _map_config(p: TaskPreset, n_iter: Optional[int]):
     return MAPConfig(t1=p.t1, w=p.w, n_iter=int(n_iter or p.n_iter), lr=p.lr)
 
 
+def restore(key, model, preset: TaskPreset, op, y, t0s: Sequence[int], *, stage2_steps: Optional[int] = 40,
+            n_iter: Optional[int] = None, sigma_y: Optional[float] = None):
+    """MAP-RPS of measurements ``y`` with a task preset and its operator: returns the outputs
+    ``[len(t0s), B, 32, 32, 1]`` (clipped to [-1, 1]) and the Stage-1 estimate. Stage 1 once (key ``split(key)[0]``),
+    Stage 2 for each ``t0`` (key ``split(key)[1]``, the same for every ``t0``)."""
+    sig = preset.sigma_y if sigma_y is None else float(sigma_y)
+    k1, k2 = jax.random.split(key)
+    x_map = map_estimate_jit(k1, model, op, y, config=_map_config(preset, n_iter), sigma_y=sig)
+    sampler = DPSStep(zeta=dps_zeta(preset, stage2_steps), clip=True)
+    outs = [rps_jit(k2, model, op, y, x_map, jnp.int32(t0), sampler=sampler, n_steps=stage2_steps) for t0 in t0s]
+    return jnp.clip(jnp.stack(outs), -1.0, 1.0), x_map
+
+
 def restore_image(key, model, name: str, y, t0s: Sequence[int], *, stage2_steps: Optional[int] = 40,
                   n_iter: Optional[int] = None, seed: int = 0):
-    """MAP-RPS outputs ``[len(t0s), B, 32, 32, 1]`` for measurements ``y`` of task ``name`` (Stage 1 once)."""
+    """:func:`restore` for a demo task name (its preset and operator, built from ``seed``)."""
     p, op = make_task(name, seed)
-    k1, k2 = jax.random.split(key)
-    x_map = map_estimate_jit(k1, model, op, y, config=_map_config(p, n_iter), sigma_y=p.sigma_y)
-    outs = [rps_jit(k2, model, op, y, x_map, jnp.int32(t0), sampler=DPSStep(zeta=dps_zeta(p, stage2_steps), clip=True),
-                    n_steps=stage2_steps) for t0 in t0s]
-    return jnp.clip(jnp.stack(outs), -1.0, 1.0), x_map
+    return restore(key, model, p, op, y, t0s, stage2_steps=stage2_steps, n_iter=n_iter)
 
 
 RESTORE_TASKS = tuple(sorted(DEMO_TASKS)) + ("inpaint_mask",)
@@ -174,12 +184,8 @@ def restore_files(model, task: str, input_path: str, t0s: Sequence[int], *, mask
     else:
         x = jnp.asarray(read_gray_png(input_path, IMAGE_SHAPE[:2], "input"))[None]
         y = op.measure(k_meas, x, sig)
-    cfg = _map_config(dataclasses.replace(preset, sigma_y=sig), None)
-    k1, k2 = jax.random.split(k_run)
-    x_map = map_estimate_jit(k1, model, op, y, config=cfg, sigma_y=sig)
+    outs, _ = restore(k_run, model, preset, op, y, t0s, stage2_steps=stage2_steps, sigma_y=sig)
     files = {"measurement.png": png_bytes(jnp.clip(op.x_init(y)[0], -1, 1))}
-    for t0 in t0s:
-        out = rps_jit(k2, model, op, y, x_map, jnp.int32(t0), sampler=DPSStep(zeta=dps_zeta(preset, stage2_steps), clip=True),
-                      n_steps=stage2_steps)
-        files[f"restored_t0_{t0}.png"] = png_bytes(jnp.clip(out[0], -1, 1))
+    for t0, out in zip(t0s, outs):
+        files[f"restored_t0_{t0}.png"] = png_bytes(out[0])
     return files
