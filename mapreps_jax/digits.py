@@ -3,15 +3,15 @@
 Tasks (32x32x1 digits, [-1, 1] units, ``sigma_y`` in the same units) and their Stage-1 / Stage-2 presets (tuned on
 the first 8 held-out digits; ``lr = 0.5`` cosine to ``1e-5``):
 
-==========  =================================================  =======  =====  ======  ==============
-name        operator                                           sigma_y  t1     w       zeta (x 100/K)
-==========  =================================================  =======  =====  ======  ==============
+==========  =================================================  =======  =====  ======  ======================
+name        operator                                           sigma_y  t1     w       zeta (x max(1, 100/K))
+==========  =================================================  =======  =====  ======  ======================
 sr4         block-average super-resolution x4 (8x8 input)      0.05     150    0.01    1.0
 inpaint     12x12 centre box removed                           0.05     200    0.15    1.0
 deblur      Gaussian blur 61x61, std 3 (circular), pinv at     0.05     10     0.015   1.0
             rcond 0.1 (1e-3 would amplify the noise 1000x)
 denoise     identity                                           0.8      10     8.0     0.3
-==========  =================================================  =======  =====  ======  ==============
+==========  =================================================  =======  =====  ======  ======================
 
 On this strongly non-Gaussian prior (thin strokes on black) the prior gradient read at ``t1 = 10`` draws stroke
 artefacts into the large unobserved regions of x4 super-resolution and inpainting (RMSE above the pseudo-inverse's in
