@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from .diffusion import Schedule, alpha_bar
+from .diffusion import Schedule, alpha_bar, t_for_noise_std, tweedie
 
 __all__ = ["ScoreModel"]
 
@@ -65,6 +65,16 @@ class ScoreModel:
     def eps(self, x_t, t, cond=None):
         """``eps_fn(params, x_t, t, cond)``: the epsilon prediction only."""
         return self.eps_and_var(x_t, t, cond)[0]
+
+    def denoise(self, y, sigma, clip: bool = True, cond=None):
+        """One-step (Tweedie) denoiser of ``y = x + sigma n`` (``[B, ...]``, ``sigma`` a scalar in the data's units):
+        ``x_t = sqrt(a) y`` with ``(1 - a)/a = sigma^2`` (:func:`~mapreps_jax.diffusion.t_for_noise_std`), then
+        ``x0 = (x_t - sqrt(1 - a) eps(x_t, t)) / sqrt(a)``, clipped to [-1, 1] when ``clip``."""
+        y = jnp.asarray(y)
+        t = t_for_noise_std(self.schedule, sigma)
+        a = alpha_bar(self.schedule, t)
+        x_t = jnp.sqrt(a) * y
+        return tweedie(x_t, self.eps(x_t, jnp.full((y.shape[0],), t, jnp.float32), cond), a, clip)
 
     def eps_fn(self) -> Callable:
         """The bare contract ``eps_fn(params, x_t, t, cond=None)`` of this model."""

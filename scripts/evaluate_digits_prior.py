@@ -28,7 +28,7 @@ from mapreps_jax.baselines import prior_sample  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from mapreps_jax.datasets import from_model_range, load_digits, to_model_range  # noqa: E402
-from mapreps_jax.diffusion import alpha_bar, t_for_noise_std, tweedie  # noqa: E402
+from mapreps_jax.diffusion import t_for_noise_std  # noqa: E402
 from mapreps_jax.metrics import psnr  # noqa: E402
 from mapreps_jax.perception import digit_accuracy, digit_fd  # noqa: E402
 from mapreps_jax.pretrained import (default_checkpoint_dir, load_default_prior, read_json,  # noqa: E402
@@ -50,9 +50,7 @@ def main(argv=None):
         xs = x[:64]
         y = xs + sigma * jax.random.normal(jax.random.PRNGKey(int(sigma * 100)), xs.shape)
         t = float(t_for_noise_std(model.schedule, sigma))
-        ab = alpha_bar(model.schedule, jnp.float32(t))
-        x_t = jnp.sqrt(ab) * y
-        x0 = tweedie(x_t, model.eps(x_t, jnp.full((64,), t, jnp.float32)), ab, clip=True)
+        x0 = model.denoise(y, sigma)
         res["tweedie"].append({"sigma": sigma, "t": t, "psnr_noisy": float(jnp.mean(psnr(jnp.clip(y, -1, 1), xs))),
                                "psnr_denoised": float(jnp.mean(psnr(x0, xs)))})
         print(res["tweedie"][-1], flush=True)
