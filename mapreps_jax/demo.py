@@ -34,7 +34,7 @@ import numpy as np
 
 from .baselines import REDDiffConfig, red_diff
 from .digits import DEMO_TASKS, dps_zeta, make_task
-from .map_rps import map_estimate_jit, rps_jit
+from .map_rps import dp_sweep, rps_jit
 from .map_stage import MAPConfig
 from .metrics import rmse
 from .operators import stack_operators
@@ -75,7 +75,7 @@ class DemoConfig:
         return dataclasses.replace(self, tasks=tasks, t0=t0)
 
 
-QUICK = DemoConfig(t0=(0, 500, 1000), n_images=16, n_iter=40, stage2_steps=10, red_diff_steps=10)
+QUICK = DemoConfig(t0=(0, 200, 400), n_images=16, n_iter=40, stage2_steps=10, red_diff_steps=10)
 
 
 def nfe_budget(cfg: DemoConfig) -> dict:
@@ -115,7 +115,7 @@ def run_demo(model, cfg: DemoConfig = DemoConfig(), progress: Optional[Callable[
     obs_w = per_img([op.out_size / o.out_size for o in ops])[:, 0, 0, 0]
 
     key = jax.random.PRNGKey(cfg.seed)
-    k_meas, k_map, k_rps, k_dps, k_red = jax.random.split(key, 5)
+    k_meas, k_sweep, k_dps, k_red = jax.random.split(key, 4)
     y = op.measure(k_meas, x_all, sigma[:, :, 0, 0])
     done = 0
 
@@ -125,27 +125,22 @@ def run_demo(model, cfg: DemoConfig = DemoConfig(), progress: Optional[Callable[
         if progress is not None:
             progress(done, label)
 
-    timings = {}
-    t = time.perf_counter()
-    x_map = map_estimate_jit(k_map, model, op, y, config=MAPConfig(t1=t1, w=w, n_iter=cfg.n_iter, lr=lr),
-                             sigma_y=sigma).block_until_ready()
-    timings["stage1"] = time.perf_counter() - t
-    tick(cfg.n_iter, "Stage 1 (MAP)")
+    def sweep_tick(i, n_t0):
+        if i == 0:
+            tick(cfg.n_iter, "Stage 1 (MAP)")
+        else:
+            t0 = cfg.t0[i - 1]
+            tick(min(cfg.stage2_steps, t0), f"Stage 2, t0={t0}")
+
     sampler = DPSStep(zeta=zeta, clip=True)
-    outs = []
+    sweep = dp_sweep(k_sweep, model, op, y, cfg.t0, map_config=MAPConfig(t1=t1, w=w, n_iter=cfg.n_iter, lr=lr),
+                     sampler=sampler, sigma_y=sigma, n_steps=cfg.stage2_steps, progress=sweep_tick)
+    timings = dict(sweep.seconds)
+    outs = jnp.clip(sweep.outputs, -1.0, 1.0)
     t = time.perf_counter()
-    for t0 in cfg.t0:
-        if t0 == 0:
-            outs.append(x_map)
-            continue
-        outs.append(rps_jit(k_rps, model, op, y, x_map, jnp.int32(t0), sampler=sampler,
-                            n_steps=cfg.stage2_steps).block_until_ready())
-        tick(min(cfg.stage2_steps, t0), f"Stage 2, t0={t0}")
-    timings["stage2"] = time.perf_counter() - t
-    outs = jnp.clip(jnp.stack(outs), -1.0, 1.0)
-    t = time.perf_counter()
+    # The same arguments as dp_sweep's Stage-2 calls (cond=None included): the compiled program is reused.
     x_dps = jnp.clip(rps_jit(k_dps, model, op, y, jnp.zeros_like(x_all), jnp.int32(model.T), sampler=sampler,
-                             n_steps=cfg.stage2_steps), -1.0, 1.0).block_until_ready()
+                             cond=None, n_steps=cfg.stage2_steps), -1.0, 1.0).block_until_ready()
     timings["dps"] = time.perf_counter() - t
     tick(cfg.stage2_steps, "DPS")
     t = time.perf_counter()

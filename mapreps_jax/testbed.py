@@ -25,7 +25,7 @@ import numpy as np
 
 from .baselines import REDDiffConfig, dps, red_diff
 from .diffusion import make_schedule
-from .map_rps import map_estimate_jit, rps_jit
+from .map_rps import dp_sweep
 from .map_stage import MAPConfig, principled_weight
 from .operators import make_operator
 from .priors import GMMPrior, GaussianPrior, gaussian_fit, gaussian_w2, ideal_dp_curve, oracle_map_rps_dp
@@ -163,24 +163,21 @@ def run_testbed(cfg: TestbedConfig, progress: Optional[Callable[[int, int], None
     else:
         w = float(cfg.w)
     map_cfg = MAPConfig(t1=t1, w=w, n_iter=int(cfg.n_iter), lr=float(cfg.lr), lr_min=float(cfg.lr_min))
-    k1, k2 = jax.random.split(key)
+    _, k2 = jax.random.split(key)  # split(key)[1]: Stage 2 of the sweeps (dp_sweep), or the whole of DPS / RED-diff
 
     t0s = [int(t) for t in cfg.t0]
     outputs = {}
     if cfg.algo in ("map-rps", "oracle-rps", "ccdf"):
-        if cfg.algo == "map-rps":
-            x_init = map_estimate_jit(k1, model, op, y, config=map_cfg, sigma_y=sig)
-            s2_model, sampler, cond = model, DPSStep(zeta=cfg.zeta, clip=False), None
-        elif cfg.algo == "ccdf":
-            x_init = op.x_init(y)
-            s2_model, sampler, cond = model, DPSStep(zeta=cfg.zeta, clip=False), None
+        # Stage 1 once (map-rps: the MAP estimate with split(key)[0]; ccdf: the pseudo-inverse; oracle-rps: the exact
+        # posterior mean), then Stage 2 with split(key)[1] for every t0.
+        if cfg.algo == "oracle-rps":
+            s2_model, sampler, cond, x_init = prior.posterior_model(A, sig, schedule), DDPMStep(), y, x_star
         else:
-            x_init = x_star
-            s2_model, sampler, cond = prior.posterior_model(A, sig, schedule), DDPMStep(), y
-        for i, t0 in enumerate(t0s):
-            outputs[t0] = rps_jit(k2, s2_model, op, y, x_init, jnp.int32(t0), sampler=sampler, cond=cond)
-            if progress is not None:
-                progress(i + 1, len(t0s))
+            s2_model, sampler, cond = model, DPSStep(zeta=cfg.zeta, clip=False), None
+            x_init = op.x_init(y) if cfg.algo == "ccdf" else None
+        sweep = dp_sweep(key, s2_model, op, y, t0s, map_config=map_cfg, sampler=sampler, sigma_y=sig, cond=cond,
+                         x_map=x_init, progress=progress)
+        outputs = dict(zip(t0s, sweep.outputs))
     elif cfg.algo == "dps":
         outputs[schedule.T] = jax.jit(dps, static_argnames=("clip",))(k2, model, op, y, zeta=cfg.zeta, clip=False)
         t0s = [schedule.T]

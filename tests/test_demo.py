@@ -1,4 +1,11 @@
-"""`mapreps demo --quick` end to end with the bundled digits prior (issue 4's acceptance checks)."""
+"""`mapreps demo --quick` end to end with the bundled digits prior (issue 4's acceptance checks).
+
+The run uses the quick settings (N 40, K 10, t0 {0, 200, 400}, RED-diff 10 steps) on 64 held-out digits per task
+instead of the default 16: digit-FD of 16 images is dominated by its small-sample noise and bias (the 16 clean
+digits score about 370; four disjoint sets of 16 outputs order t0 = 0 and t0 = 400 differently from one another),
+while at 64 per task the clean digits score about 74 and the D-P trends are larger than the noise (README,
+"Statistical power").
+"""
 
 import json
 import math
@@ -16,7 +23,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
     n_compiled = rps_jit._cache_size()
-    rc = main(["demo", "--quick", "--out", str(out), "--quiet"])
+    rc = main(["demo", "--quick", "--n-images", "64", "--out", str(out), "--quiet"])
     return rc, out, rps_jit._cache_size() - n_compiled
 
 
@@ -44,14 +51,17 @@ def test_quick_demo_files_and_numbers(quick_demo):
     for name, r in m["tasks"].items():
         pts = r["map_rps"]
         assert [p["t0"] for p in pts] == t0s
-        # the low-distortion end: RMSE at t0 = 0 (the MAP estimate) below RMSE at the largest t0
+        # the low-distortion end: RMSE at t0 = 0 (the MAP estimate) below that of DPS (t0 = T) for every task
+        assert pts[0]["rmse"] < r["dps"]["rmse"], (name, pts[0], r["dps"])
+    # ... and below that at the largest t0 of the sweep where Stage 1 has converged at N = 40 (deblurring,
+    # denoising). Not for SR x4 and inpainting: their 40-step MAP estimate is under-converged (the paper uses N 300
+    # and 400), and Stage 2 from it reaches a lower RMSE at t0 <= 400 (README, "What the demo shows").
+    for name in ("deblur", "denoise"):
+        pts = m["tasks"][name]["map_rps"]
         assert pts[0]["rmse"] < pts[-1]["rmse"], (name, pts)
-    # the perception end where Stage 1 is visibly blurry (deblurring): digit-FD falls from t0 = 0 to the largest t0.
-    # (For 16 images per task digit-FD is dominated by its small-sample bias, which rewards low-variance outputs:
-    # the 16 clean digits themselves score about 370, against 6.65 for 4500 training digits. So the other tasks'
-    # MAP estimates can score below real digits, and their FD trend is not asserted at this size; see README.)
-    deblur = m["tasks"]["deblur"]["map_rps"]
-    assert deblur[-1]["digit_fd"] < deblur[0]["digit_fd"], deblur
+    # the perception end: digit-FD at the largest t0 below that at t0 = 0 for at least three of the four tasks
+    fd_falls = [name for name, r in m["tasks"].items() if r["map_rps"][-1]["digit_fd"] < r["map_rps"][0]["digit_fd"]]
+    assert len(fd_falls) >= 3, {name: [p["digit_fd"] for p in r["map_rps"]] for name, r in m["tasks"].items()}
     # NFE accounting: N + sum(min(K, t0)) for the sweep (Stage 1 once)
     c, nfe = m["config"], m["nfe"]
     assert nfe["map_rps_sweep"] == c["n_iter"] + sum(min(c["stage2_steps"], t) for t in t0s)

@@ -150,6 +150,28 @@ def test_map_rps_sweep_monotone_and_above_ideal_curve():
         assert D >= float(ideal_dp_curve(P, d_star, p_star)) - tol_D, (D, P, d_star, p_star)
 
 
+def test_dp_sweep_keys_progress_and_timings():
+    """dp_sweep = Stage 1 with split(key)[0], then Stage 2 with split(key)[1] for every t0 (t0 = 0 is the Stage-1
+    estimate itself); progress is called with 0 after Stage 1 and with i after the i-th t0; both stages are timed."""
+    prior, op, x, y = _setup(d=8, s=1.0, sigma=0.5, n=16, seed=4)
+    model = prior.score_model(SCHED)
+    cfg = mr.MAPConfig(t1=10.0, w=1.0, n_iter=20, lr=0.05)
+    sampler = mr.DPSStep(zeta=0.2, clip=False)
+    calls = []
+    key = jax.random.PRNGKey(11)
+    res = mr.dp_sweep(key, model, op, y, [0, 30, 100], map_config=cfg, sampler=sampler, n_steps=10,
+                      progress=lambda i, n: calls.append((i, n)))
+    assert calls == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    assert set(res.seconds) == {"stage1", "stage2"} and all(v > 0 for v in res.seconds.values())
+    k1, k2 = jax.random.split(key)
+    x_map = mr.map_estimate(k1, model, op, y, config=cfg)
+    np.testing.assert_allclose(res.x_map, x_map, atol=1e-6)
+    np.testing.assert_array_equal(res.outputs[0], res.x_map)
+    np.testing.assert_allclose(res.outputs[2], mr.rps(k2, model, op, y, res.x_map, 100, sampler=sampler, n_steps=10),
+                               atol=1e-5)
+    assert res.nfe == {"stage1": 20, "stage2": [0, 10, 10], "total": 40}
+
+
 def test_gmm_oracle_sampler_matches_exact_posterior():
     """Criterion 5: on a GMM, RPS from pure noise with the exact diffused-posterior model samples the posterior."""
     d, sigma, n = 2, 0.3, 1500
