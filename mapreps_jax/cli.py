@@ -250,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="Stage-2 / DPS sub-grid steps K (default 20)")
     p.add_argument("--n-iter", type=int, default=None, help="Stage-1 steps N (default 100)")
     p.add_argument("--red-diff-steps", type=int, default=None, help="RED-diff steps (default 100)")
-    p.add_argument("--quick", action="store_true", help="smaller defaults (16 digits, t0 0,200,400, K 10, N 40, "
-                                                        "RED-diff 10 steps): about a minute on 2 CPU cores")
+    p.add_argument("--quick", action="store_true", help="smaller defaults (12 digits, t0 0,200,400, K 10, N 40, "
+                                                        "RED-diff 10 steps): under a minute on 2 CPU cores")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("testbed-demo", help="D-P sweep on an exact prior with the ideal curve (plot and JSON)")

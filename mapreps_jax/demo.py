@@ -75,7 +75,7 @@ class DemoConfig:
         return dataclasses.replace(self, tasks=tasks, t0=t0)
 
 
-QUICK = DemoConfig(t0=(0, 200, 400), n_images=16, n_iter=40, stage2_steps=10, red_diff_steps=10)
+QUICK = DemoConfig(t0=(0, 200, 400), n_images=12, n_iter=40, stage2_steps=10, red_diff_steps=10)
 
 
 def nfe_budget(cfg: DemoConfig) -> dict:

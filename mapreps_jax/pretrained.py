@@ -85,13 +85,17 @@ def replace_dir_atomic(src: str, dst: str) -> None:
 
 def write_bytes_atomic(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsync, then ``os.replace``
-    (a failure leaves no partial file and removes the temporary one)."""
+    (a failure leaves no partial file and removes the temporary one). The file gets the mode a plain ``open`` would
+    give it (``0o666`` less the umask), not ``mkstemp``'s private ``0o600``."""
     import tempfile
 
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

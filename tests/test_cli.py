@@ -74,3 +74,20 @@ def test_testbed_demo_writes_plot_and_json(tmp_path, capsys):
     assert set(res) == {"map-rps", "oracle-rps"}
     assert [p["t0"] for p in res["map-rps"]["points"]] == [0, 300, 999]
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+
+
+def test_atomic_write_gives_the_umask_mode_and_leaves_no_temporary(tmp_path):
+    from mapreps_jax.cli import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "sub" / "out.json"
+        atomic_write_text(str(path), "{}\n")
+        assert path.read_text() == "{}\n"
+        assert (os.stat(path).st_mode & 0o777) == 0o644  # what open() would give, not mkstemp's 0o600
+        os.umask(0o077)
+        atomic_write_text(str(path), "[]\n")
+        assert (os.stat(path).st_mode & 0o777) == 0o600
+        assert os.listdir(path.parent) == ["out.json"]
+    finally:
+        os.umask(old)
