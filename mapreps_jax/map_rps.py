@@ -28,6 +28,16 @@ map_estimate_jit = jax.jit(map_estimate, static_argnames=("return_trace",))
 rps_jit = jax.jit(rps, static_argnames=("n_steps", "continuous", "max_steps"))
 
 
+def _rps_over_t0(key, model, op, y, x_map, t0s, sampler, cond, n_steps, max_steps):
+    """Stage 2 for every ``t0`` of ``t0s`` in one ``vmap`` (the same key for all: common random numbers)."""
+    return jax.vmap(lambda t0: rps(key, model, op, y, x_map, t0, sampler=sampler, cond=cond, n_steps=n_steps,
+                                   max_steps=max_steps))(t0s)
+
+
+# module level, so repeated vectorised sweeps reuse one compilation (a jit built per call would recompile each time)
+_rps_over_t0_jit = jax.jit(_rps_over_t0, static_argnames=("n_steps", "max_steps"))
+
+
 def map_rps(key, model: ScoreModel, op, y, t0, *, map_config: MAPConfig = MAPConfig(), sampler=DPSStep(),
             sigma_y=None, cond=None, n_steps: Optional[int] = None, max_steps: Optional[int] = None):
     """MAP-RPS at one ``t0``: Stage 1 (:func:`~mapreps_jax.map_stage.map_estimate`) then Stage 2
@@ -92,11 +102,8 @@ def dp_sweep(key, model: ScoreModel, op, y, t0s: Sequence[int], *, map_config: M
     t_start = time.perf_counter()
     max_steps = int(t0s.max()) if t0s.max() > 0 else None
     if vectorize:
-        def one(t0):
-            return rps(k2, model, op, y, x_map, t0, sampler=sampler, cond=cond, n_steps=n_steps,
-                       max_steps=None if n_steps is not None else max_steps)
-
-        outputs = jax.jit(jax.vmap(one))(jnp.asarray(t0s)).block_until_ready()
+        outputs = _rps_over_t0_jit(k2, model, op, y, x_map, jnp.asarray(t0s), sampler, cond, n_steps=n_steps,
+                                   max_steps=None if n_steps is not None else max_steps).block_until_ready()
         if progress is not None:
             progress(len(t0s), len(t0s))
     else:

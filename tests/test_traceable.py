@@ -72,6 +72,12 @@ def test_vectorized_sweep_equals_sequential():
     a = mr.dp_sweep(jax.random.PRNGKey(5), model, op, y, t0s, **kw)
     b = mr.dp_sweep(jax.random.PRNGKey(5), model, op, y, t0s, vectorize=True, **kw)
     np.testing.assert_allclose(np.asarray(a.outputs), np.asarray(b.outputs), rtol=1e-4, atol=1e-5)
+    # a second vectorised sweep of the same shape (other key, y, t0 values) reuses the compiled program
+    counting, count = _counting(model)
+    mr.dp_sweep(jax.random.PRNGKey(6), counting, op, y, t0s, vectorize=True, **kw)
+    first = count["n"]
+    mr.dp_sweep(jax.random.PRNGKey(7), counting, op, y + 0.01, [1, 5, 9, 40], vectorize=True, **kw)
+    assert first >= 1 and count["n"] == first
     np.testing.assert_array_equal(np.asarray(a.outputs[0]), np.asarray(a.x_map))  # t0 = 0 is the MAP estimate
     assert a.nfe["total"] == 30 + sum(t0s)
     assert b.nfe["total_vectorized"] == 30 + len(t0s) * max(t0s)
