@@ -112,7 +112,7 @@ def cmd_demo(args) -> int:
     import dataclasses
     import time
 
-    from .demo import QUICK, DemoConfig, nfe_budget, run_demo, write_demo
+    from .demo import FD_MIN_IMAGES, QUICK, DemoConfig, nfe_budget, run_demo, write_demo
     from .pretrained import load_default_prior
 
     base = QUICK if args.quick else DemoConfig()
@@ -144,6 +144,9 @@ def cmd_demo(args) -> int:
             lines.append(f"{name:8s} {label:10s} {r[key]['rmse']:7.4f} {r[key]['digit_fd']:9.1f}")
     print("\n".join(lines))
     print(f"digit-FD of the {cfg.n_images} clean digits themselves: {m['digit_fd_clean']:.1f} (small-set bias)")
+    if cfg.n_images < FD_MIN_IMAGES:
+        print(f"note: with fewer than {FD_MIN_IMAGES} digits per task digit-FD is dominated by small-sample noise; "
+              f"use --n-images {FD_MIN_IMAGES} or more to compare methods by it (README, 'Statistical power')")
     print(f"wrote {', '.join(os.path.join(args.out, f) for f in files)} in {time.perf_counter() - t_start:.1f} s")
     return 0
 

@@ -40,7 +40,7 @@ from .metrics import rmse
 from .operators import stack_operators
 from .samplers import DPSStep
 
-__all__ = ["DemoConfig", "QUICK", "run_demo", "write_demo", "demo_figures", "figure_png", "nfe_budget"]
+__all__ = ["DemoConfig", "QUICK", "FD_MIN_IMAGES", "run_demo", "write_demo", "demo_figures", "figure_png", "nfe_budget"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +74,8 @@ class DemoConfig:
             raise ValueError(f"demo: n_images must be at most 500 (the held-out set), got {self.n_images}")
         return dataclasses.replace(self, tasks=tasks, t0=t0)
 
+
+FD_MIN_IMAGES = 64  # digits per task below which digit-FD's direction between two methods is mostly noise
 
 QUICK = DemoConfig(t0=(0, 200, 400), n_images=12, n_iter=40, stage2_steps=10, red_diff_steps=10)
 
@@ -213,7 +215,11 @@ def demo_figures(result: dict, n_show: int = 4) -> dict:
         ax.legend(fontsize=7)
     for ax in axes.ravel()[len(names):]:
         ax.axis("off")
-    fig.suptitle(f"Distortion-perception traversal, {m['config']['n_images']} held-out digits per task", fontsize=10)
+    n_img = m["config"]["n_images"]
+    title = f"Distortion-perception traversal, {n_img} held-out digits per task"
+    if n_img < FD_MIN_IMAGES:  # README, "Statistical power"
+        title += f"\n(digit-FD of fewer than {FD_MIN_IMAGES} images is dominated by small-sample noise: indicative only)"
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     files = {"dp_curve.png": figure_png(fig)}
 
