@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .map_rps import map_estimate_jit, rps_jit
+from .map_rps import dp_sweep
 from .map_stage import MAPConfig
 from .operators import make_operator
 from .samplers import DPSStep
@@ -95,14 +95,13 @@ def _map_config(p: TaskPreset, n_iter: Optional[int]):
 def restore(key, model, preset: TaskPreset, op, y, t0s: Sequence[int], *, stage2_steps: Optional[int] = 40,
             n_iter: Optional[int] = None, sigma_y: Optional[float] = None):
     """MAP-RPS of measurements ``y`` with a task preset and its operator: returns the outputs
-    ``[len(t0s), B, 32, 32, 1]`` (clipped to [-1, 1]) and the Stage-1 estimate. Stage 1 once (key ``split(key)[0]``),
-    Stage 2 for each ``t0`` (key ``split(key)[1]``, the same for every ``t0``)."""
+    ``[len(t0s), B, 32, 32, 1]`` (clipped to [-1, 1]) and the Stage-1 estimate. This is
+    :func:`~mapreps_jax.map_rps.dp_sweep` with the preset's Stage-1 config and DPS step: Stage 1 once (key
+    ``split(key)[0]``), Stage 2 for each ``t0`` (key ``split(key)[1]``, the same for every ``t0``)."""
     sig = preset.sigma_y if sigma_y is None else float(sigma_y)
-    k1, k2 = jax.random.split(key)
-    x_map = map_estimate_jit(k1, model, op, y, config=_map_config(preset, n_iter), sigma_y=sig)
-    sampler = DPSStep(zeta=dps_zeta(preset, stage2_steps), clip=True)
-    outs = [rps_jit(k2, model, op, y, x_map, jnp.int32(t0), sampler=sampler, n_steps=stage2_steps) for t0 in t0s]
-    return jnp.clip(jnp.stack(outs), -1.0, 1.0), x_map
+    sweep = dp_sweep(key, model, op, y, t0s, map_config=_map_config(preset, n_iter), sigma_y=sig,
+                     sampler=DPSStep(zeta=dps_zeta(preset, stage2_steps), clip=True), n_steps=stage2_steps)
+    return jnp.clip(sweep.outputs, -1.0, 1.0), sweep.x_map
 
 
 def restore_image(key, model, name: str, y, t0s: Sequence[int], *, stage2_steps: Optional[int] = 40,
