@@ -6,7 +6,7 @@ Where things live:
   model.py       the score-model contract ``eps_fn(params, x_t, t, cond)`` (:class:`ScoreModel`)
   operators.py   forward operators (pure functions + pytree of fixed data)
   priors.py      exact Gaussian / GMM priors with closed-form posteriors (the testbed)
-  map_stage.py   Stage 1: MAP estimate (optax AdamW)
+  map_stage.py   Stage 1: MAP estimate (optax AdamW, or proximal gradient for linear A)
   rps_stage.py   Stage 2: re-noised posterior sampling
   continuous.py  Stage 2 in continuous time (diffrax reverse SDE), differentiable in t0
   samplers.py    step rules: DPS, DDPM (oracle with an exact posterior model), DDNM
@@ -28,7 +28,7 @@ from .model import ScoreModel, from_eps_fn
 from .operators import Operator, make_operator, custom_operator, stack_operators, TASKS
 from .priors import (GaussianPrior, GMMPrior, GaussianPosterior, GMMPosterior, SVDGains, operator_matrix, gaussian_w2, gaussian_fit, ideal_dp_curve, oracle_map_rps_dp,
                      stage1_fixed_point, svd_gains)
-from .map_stage import MAPConfig, map_estimate, principled_weight
+from .map_stage import MAPConfig, map_estimate, principled_weight, prox_data_fit
 from .samplers import DPSStep, DDPMStep, DDNMStep, make_sampler
 from .rps_stage import rps, reverse_loop, subgrid_times, stage2_nfe
 from .continuous import rps_sde

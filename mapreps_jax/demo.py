@@ -3,14 +3,15 @@
 On the first ``n_images`` held-out digits, for each task of :data:`~mapreps_jax.digits.DEMO_TASKS` (super-resolution
 x4, 12x12 box inpainting, Gaussian deblur, denoising):
 
-* **MAP-RPS**: Stage 1 (``N`` AdamW steps, the task's ``t1`` and ``w``) once, then Stage 2 (DPS, ``K``-step
+* **MAP-RPS**: Stage 1 (``N`` steps of the preset's solver, proximal gradient, with the task's ``t1``, ``w`` and
+  ``eta``; the mean of the last ``3N/4`` iterates) once, then Stage 2 (DPS, ``K``-step
   sub-grid: MAP-RPS-S) for every ``t0`` of the sweep; ``t0 = 0`` is the MAP estimate itself;
 * **DPS** (``K``-step sub-grid, DPS-S): the same compiled Stage 2 started from ``t0 = T`` with ``x_init = 0``, i.e.
   ``x_{T-1} ~ N(0, (1 - alpha_bar_{T-1}) I)`` (DPS starts from ``N(0, I)``; the two stds differ by 2e-5);
 * **RED-diff** (``S`` steps, lambda 0.25, lr 0.25, linear weighting).
 
 All tasks run as ONE batch through :func:`~mapreps_jax.operators.stack_operators` (one compiled program per
-algorithm for all tasks; per-image ``sigma_y``, ``w`` and ``zeta``). Distortion is RMSE on [0, 1] (mean over images);
+algorithm for all tasks; per-image ``sigma_y``, ``w``, ``eta`` and ``zeta``). Distortion is RMSE on [0, 1] (mean over images);
 perception is digit-FD to the 500 held-out digits (:mod:`~mapreps_jax.perception`; not FID, biased upwards for
 small sets: ``digit_fd_clean`` reports the value of the clean images themselves at the same set size).
 NFE per image: MAP-RPS sweep ``N + sum_t0 min(K, t0)``, DPS ``K``, RED-diff ``S``.
@@ -33,9 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .baselines import REDDiffConfig, red_diff
-from .digits import DEMO_TASKS, dps_zeta, make_task
+from .digits import DEMO_TASKS, dps_zeta, make_task, map_config
 from .map_rps import dp_sweep, rps_jit
-from .map_stage import MAPConfig
 from .metrics import rmse
 from .operators import stack_operators
 from .samplers import DPSStep
@@ -135,7 +135,15 @@ def run_demo(model, cfg: DemoConfig = DemoConfig(), progress: Optional[Callable[
             tick(min(cfg.stage2_steps, t0), f"Stage 2, t0={t0}")
 
     sampler = DPSStep(zeta=zeta, clip=True)
-    sweep = dp_sweep(k_sweep, model, op, y, cfg.t0, map_config=MAPConfig(t1=t1, w=w, n_iter=cfg.n_iter, lr=lr),
+    solvers = {p.solver for p in presets}
+    if len(solvers) != 1:  # one compiled Stage 1 for the whole batch: the solver is static
+        raise ValueError(f"run_demo: every task must use the same Stage-1 solver, got {sorted(solvers)}")
+    # Per-image values; `average` is one integer for the batch (its fraction of N is the same for every preset).
+    map_cfg = dataclasses.replace(map_config(presets[0], cfg.n_iter), t1=t1, w=w, lr=lr,
+                                  prox_step=per_img([p.prox_step for p in presets]))
+    if len({p.average_frac for p in presets}) != 1:
+        raise ValueError("run_demo: every task must average the same fraction of its Stage-1 iterates")
+    sweep = dp_sweep(k_sweep, model, op, y, cfg.t0, map_config=map_cfg,
                      sampler=sampler, sigma_y=sigma, n_steps=cfg.stage2_steps, progress=sweep_tick)
     timings = dict(sweep.seconds)
     outs = jnp.clip(sweep.outputs, -1.0, 1.0)
@@ -160,6 +168,8 @@ def run_demo(model, cfg: DemoConfig = DemoConfig(), progress: Optional[Callable[
         sl = slice(j * n, (j + 1) * n)
         tasks[name] = {
             "description": p.description, "operator": o.name, "sigma_y": p.sigma_y, "t1": p.t1, "w": p.w,
+            "stage1": {"solver": p.solver, "prox_step": p.prox_step, "lr": p.lr,
+                       "average": int(map_cfg.average)},
             "zeta": dps_zeta(p, cfg.stage2_steps),
             "map_rps": [dict(t0=int(t0), **score(out, sl)) for t0, out in zip(cfg.t0, outs)],
             "dps": score(x_dps, sl), "red_diff": score(x_red, sl),

@@ -118,6 +118,26 @@ def test_grad_over_map_hyperparameters_matches_finite_difference():
     np.testing.assert_allclose(g[2], _fd(lambda v: loss(0.2, 0.05, v), 10.3, 0.05), rtol=5e-2)
 
 
+def test_grad_over_prox_step_and_average_count_is_traceable():
+    """solver="prox": d loss / d eta (through the CG solves) matches a finite difference; ``average`` is traced, so
+    one compiled function serves every averaging length."""
+    prior, op, x, y = _problem()
+    model = prior.score_model(SCHED)
+
+    def loss(eta, average):
+        cfg = mr.MAPConfig(t1=10.0, w=0.2, n_iter=jnp.int32(15), max_iter=20, solver="prox", prox_step=eta,
+                           average=average, cg_iters=8)
+        return jnp.mean((mr.map_estimate(jax.random.PRNGKey(0), model, op, y, config=cfg) - x) ** 2)
+
+    g = jax.grad(loss)(2.0, 5)
+    np.testing.assert_allclose(g, _fd(lambda v: loss(v, 5), 2.0, 1e-2), rtol=2e-2)
+    f = jax.jit(loss)
+    f(2.0, 5)
+    n = f._cache_size()
+    assert float(f(2.0, 0)) != float(f(2.0, 5))
+    assert f._cache_size() == n
+
+
 def test_continuous_rps_is_differentiable_in_t0():
     prior, op, x, y = _problem(n=8)
     model = prior.score_model(SCHED)
