@@ -17,7 +17,7 @@ classifier, as a saved image would be).
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple, Union
+from typing import Tuple, Union
 
 import jax
 import jax.numpy as jnp
