@@ -25,6 +25,7 @@ from .diffusion import (Schedule, make_schedule, t_for_noise_std, alpha_bar, log
                         ddim_sigma_log, ddim_step, posterior_variance, learned_range_std, linear_betas,
                         scaled_linear_betas, ldm_linear_betas)
 from .model import ScoreModel, from_eps_fn
+from .rng import image_keys, fold_keys, split_keys
 from .operators import Operator, make_operator, custom_operator, stack_operators, TASKS
 from .priors import (GaussianPrior, GMMPrior, GaussianPosterior, GMMPosterior, SVDGains, operator_matrix, gaussian_w2, gaussian_fit, ideal_dp_curve, oracle_map_rps_dp,
                      stage1_fixed_point, svd_gains)

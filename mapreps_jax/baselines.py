@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from .model import ScoreModel
+from .rng import fold_keys, image_keys, normal, normal_like, split_keys
 from .rps_stage import reverse_loop, rps, subgrid_times
 from .samplers import DDPMStep, DPSStep
 from .validation import check_measurement
@@ -32,8 +33,9 @@ def prior_sample(key, model: ScoreModel, shape, *, n_steps: Optional[int] = None
     ``DDPMStep(clip=True)``: ancestral DDPM, each step ``x_{t-1} = mu_t(x_t, x0_hat) + sqrt(beta_tilde_t) z``) for all
     ``T`` steps (NFE ``T``) or a ``K``-step sub-grid."""
     sampler = DDPMStep(clip=True) if sampler is None else sampler
-    k0, k1 = jax.random.split(key)
-    x = jax.random.normal(k0, tuple(shape), jnp.float32)
+    shape = tuple(shape)
+    k0, k1 = split_keys(image_keys(key, shape[0], "prior_sample"))
+    x = normal(k0, shape[1:])
     return reverse_loop(k1, model, None, None, x, model.T - 1, sampler=sampler, cond=cond, n_steps=n_steps)
 
 
@@ -47,15 +49,16 @@ def dps(key, model: ScoreModel, op, y, *, sampler=None, cond=None, n_steps: Opti
     y = check_measurement(op, y, "dps")
     if sampler is None:
         sampler = DPSStep(zeta=zeta, noise_scale=noise_scale, clip=clip)
-    k0, k1 = jax.random.split(key)
-    x = jax.random.normal(k0, (y.shape[0],) + tuple(op.in_shape), jnp.float32)
+    k0, k1 = split_keys(image_keys(key, y.shape[0], "dps"))
+    x = normal(k0, op.in_shape)
     return reverse_loop(k1, model, op, y, x, model.T - 1, sampler=sampler, cond=cond, n_steps=n_steps)
 
 
 def dps_average(key, model: ScoreModel, op, y, n_samples: int, **kwargs):
-    """DPS-A: the average of ``n_samples`` independent DPS outputs (a ``lax.map`` over keys)."""
-    keys = jax.random.split(key, int(n_samples))
-    outs = jax.lax.map(lambda k: dps(k, model, op, y, **kwargs), keys)
+    """DPS-A: the average of ``n_samples`` independent DPS outputs (a ``lax.map`` over samples; sample ``j`` of
+    image ``i`` runs :func:`dps` with key ``fold_in(keys[i], j)``)."""
+    keys = image_keys(key, jnp.shape(y)[0], "dps_average")
+    outs = jax.lax.map(lambda j: dps(fold_keys(keys, j), model, op, y, **kwargs), jnp.arange(int(n_samples)))
     return jnp.mean(outs, axis=0)
 
 
@@ -116,6 +119,7 @@ def red_diff(key, model: ScoreModel, op, y, *, config: REDDiffConfig = REDDiffCo
     """RED-diff (see module doc). Per-image means (so images of a batch do not interact). NFE = ``n_steps``."""
     y = check_measurement(op, y, "red_diff")
     mu = op.x_init(y) if x_init is None else jnp.asarray(x_init, jnp.float32)
+    keys = image_keys(key, y.shape[0], "red_diff")
     opt = optax.adam(config.lr, b1=0.9, b2=0.99)
     times, _ = subgrid_times(model.T - 1, config.n_steps)
     axes_y = tuple(range(1, y.ndim))
@@ -131,7 +135,7 @@ def red_diff(key, model: ScoreModel, op, y, *, config: REDDiffConfig = REDDiffCo
         m, st = carry
         k, t = inp
         a = model.alpha_bar(t)
-        eps = jax.random.normal(jax.random.fold_in(key, k), m.shape, m.dtype)
+        eps = normal_like(fold_keys(keys, k), m)
         x_t = jnp.sqrt(a) * m + jnp.sqrt(1.0 - a) * eps
         e = model.eps(x_t, t, cond)  # sg(e): an argument of the inner gradient, not differentiated w.r.t. mu
         g = jax.grad(loss_fn)(m, e - eps, red_diff_weight(a, config.weighting))

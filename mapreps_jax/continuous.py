@@ -19,14 +19,35 @@ and lives in :mod:`mapreps_jax.rps_stage`.
 from __future__ import annotations
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
 
 from .diffusion import renoise, safe_sqrt, tweedie
 from .model import ScoreModel
+from .rng import image_keys, split_keys
 
 __all__ = ["rps_sde"]
+
+
+class _PerImageBrownian(diffrax.AbstractBrownianPath):
+    """A Brownian path on ``[0, 1]`` of shape ``[B, ...]`` whose row ``i`` is a :class:`diffrax.VirtualBrownianTree`
+    driven by image ``i``'s key alone (so an image's path does not depend on the rest of the batch)."""
+
+    trees: diffrax.VirtualBrownianTree
+    levy_area: type = eqx.field(static=True, default=diffrax.BrownianIncrement)
+
+    @property
+    def t0(self):
+        return 0.0
+
+    @property
+    def t1(self):
+        return 1.0
+
+    def evaluate(self, t0, t1=None, left=True, use_levy=False):
+        return jax.vmap(lambda tree: tree.evaluate(t0, t1, left, use_levy))(self.trees)
 
 
 def _beta(schedule, s):
@@ -44,7 +65,7 @@ def rps_sde(key, model: ScoreModel, x_init, t0, *, n_steps: int = 100, cond=None
     """Re-noise ``x_init`` to ``alpha_bar(t0 - 1)`` and solve the reverse VP SDE to ``s = 0`` (see module doc).
 
     Args:
-      key: PRNG key (re-noising and the Brownian path).
+      key: one PRNG key or ``[B]`` keys (re-noising and the Brownian path of image ``i`` from ``split(keys[i])``).
       model: :class:`ScoreModel` (an exact diffused-posterior model with ``cond = y`` gives the oracle).
       x_init: ``[B, ...]`` starting estimate.
       t0: real re-noising time in ``[1, T]`` (differentiable); ``t0 <= 1`` returns the Tweedie-denoised re-noise.
@@ -53,7 +74,7 @@ def rps_sde(key, model: ScoreModel, x_init, t0, *, n_steps: int = 100, cond=None
     """
     x_init = jnp.asarray(x_init, jnp.float32)
     t0 = jnp.asarray(t0, jnp.float32)
-    k_noise, k_bm = jax.random.split(key)
+    k_noise, k_bm = split_keys(image_keys(key, x_init.shape[0], "rps_sde"))
     L = jnp.maximum(t0 - 1.0, 0.0)
     x = renoise(k_noise, x_init, model.alpha_bar(t0 - 1.0))
     sched = model.schedule
@@ -74,8 +95,9 @@ def rps_sde(key, model: ScoreModel, x_init, t0, *, n_steps: int = 100, cond=None
         g = jnp.sqrt(_beta(sched, s) * L)
         return lx.DiagonalLinearOperator(jnp.full(xx.shape, g, xx.dtype))
 
-    bm = diffrax.VirtualBrownianTree(0.0, 1.0, tol=1.0 / (4 * int(n_steps)), shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                     key=k_bm)
+    event = jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+    bm = _PerImageBrownian(jax.vmap(lambda k: diffrax.VirtualBrownianTree(0.0, 1.0, tol=1.0 / (4 * int(n_steps)),
+                                                                           shape=event, key=k))(k_bm))
     terms = diffrax.MultiTerm(diffrax.ODETerm(drift), diffrax.ControlTerm(diffusion, bm))
     sol = diffrax.diffeqsolve(terms, solver or diffrax.Euler(), 0.0, 1.0, dt0=1.0 / int(n_steps), y0=x,
                               saveat=diffrax.SaveAt(t1=True), max_steps=int(n_steps) + 1)

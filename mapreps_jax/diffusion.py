@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .rng import image_keys, normal_like
+
 __all__ = [
     "Schedule",
     "t_for_noise_std",
@@ -189,9 +191,16 @@ def eps_from_x0(x_t, x0, a):
 
 
 def renoise(key, x, a):
-    """``sqrt(a) x + sqrt(1 - a) z``, ``z ~ N(0, I)``: the forward diffusion to the level ``a = alpha_bar(t)``."""
+    """``sqrt(a) x + sqrt(1 - a) z``, ``z ~ N(0, I)``: the forward diffusion to the level ``a = alpha_bar(t)``.
+
+    ``x`` is ``[B, ...]``; ``key`` one key or ``[B]`` keys: row ``i`` of ``z`` is drawn from image ``i``'s key
+    (:func:`mapreps_jax.rng.image_keys`), so it does not depend on the rest of the batch."""
     a = _bcast(a, x)
-    return jnp.sqrt(a) * x + safe_sqrt(1.0 - a) * jax.random.normal(key, x.shape, x.dtype)
+    return jnp.sqrt(a) * x + safe_sqrt(1.0 - a) * _per_image_normal(key, x)
+
+
+def _per_image_normal(key, x):
+    return normal_like(image_keys(key, x.shape[0]), x)
 
 
 def ddim_sigma_log(la_i, la_j, eta=1.0):
@@ -216,14 +225,15 @@ def ddim_step(key, x0_hat, eps_hat, a_j, s):
     :func:`learned_range_std` for a network with learned variance. With ``eps_hat`` re-derived from the
     (possibly clipped) ``x0_hat`` by :func:`eps_from_x0`, ``eta = 1`` is exactly the DDPM posterior mean
     ``mu = sqrt(a_j) beta_i / (1 - a_i) x0 + sqrt(alpha_i) (1 - a_j) / (1 - a_i) x_i`` plus ``s z``.
-    ``key`` may be ``None`` for a deterministic step (then ``s`` must be 0).
+    ``key`` may be ``None`` for a deterministic step (then ``s`` must be 0); otherwise one key or ``[B]`` keys
+    (``z`` drawn per image, as :func:`renoise`).
     """
     a_j = _bcast(a_j, x0_hat)
     s = _bcast(s, x0_hat)
     mean = jnp.sqrt(a_j) * x0_hat + safe_sqrt(1.0 - a_j - s**2) * eps_hat
     if key is None:
         return mean
-    return mean + s * jax.random.normal(key, x0_hat.shape, x0_hat.dtype)
+    return mean + s * _per_image_normal(key, x0_hat)
 
 
 def posterior_variance(schedule: Schedule, i):

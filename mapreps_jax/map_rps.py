@@ -18,6 +18,7 @@ import numpy as np
 
 from .map_stage import MAPConfig, map_estimate
 from .model import ScoreModel
+from .rng import image_keys, split_keys
 from .rps_stage import rps, stage2_nfe
 from .samplers import DPSStep
 from .validation import check_measurement, check_signal
@@ -41,8 +42,9 @@ _rps_over_t0_jit = jax.jit(_rps_over_t0, static_argnames=("n_steps", "max_steps"
 def map_rps(key, model: ScoreModel, op, y, t0, *, map_config: MAPConfig = MAPConfig(), sampler=DPSStep(),
             sigma_y=None, cond=None, n_steps: Optional[int] = None, max_steps: Optional[int] = None):
     """MAP-RPS at one ``t0``: Stage 1 (:func:`~mapreps_jax.map_stage.map_estimate`) then Stage 2
-    (:func:`~mapreps_jax.rps_stage.rps`). Keys: Stage 1 uses ``split(key)[0]``, Stage 2 ``split(key)[1]``."""
-    k1, k2 = jax.random.split(key)
+    (:func:`~mapreps_jax.rps_stage.rps`). Keys (one or ``[B]``, :mod:`mapreps_jax.rng`): image ``i``'s Stage 1 uses
+    ``split(keys[i])[0]``, its Stage 2 ``split(keys[i])[1]``."""
+    k1, k2 = split_keys(image_keys(key, jnp.shape(y)[0], "map_rps"))
     x_map = map_estimate(k1, model, op, y, config=map_config, sigma_y=sigma_y, cond=cond)
     return rps(k2, model, op, y, x_map, t0, sampler=sampler, cond=cond, n_steps=n_steps, max_steps=max_steps)
 
@@ -76,7 +78,8 @@ def dp_sweep(key, model: ScoreModel, op, y, t0s: Sequence[int], *, map_config: M
              vectorize: bool = False, x_map=None, progress=None) -> SweepResult:
     """D-P traversal: Stage 1 once, Stage 2 for each ``t0`` in ``t0s`` (see module doc).
 
-    Keys: Stage 1 uses ``split(key)[0]``, Stage 2 ``split(key)[1]`` (the same for every ``t0``). ``x_map`` may be given
+    Keys (one or ``[B]``, :mod:`mapreps_jax.rng`): image ``i``'s Stage 1 uses ``split(keys[i])[0]``, its Stage 2
+    ``split(keys[i])[1]`` (the same for every ``t0``). ``x_map`` may be given
     to skip Stage 1 (e.g. CCDF: pass ``op.x_init(y)``; the oracle sweep of the testbed: the exact posterior mean).
     ``progress`` is an optional callable ``progress(i, n)``, called with ``i = 0`` when Stage 1 is done (also when it
     was skipped) and with ``i`` after the ``i``-th of the ``n`` ``t0`` values.
@@ -87,7 +90,7 @@ def dp_sweep(key, model: ScoreModel, op, y, t0s: Sequence[int], *, map_config: M
         raise ValueError(f"dp_sweep: t0s must be a non-empty list of integers, got {t0s!r}")
     if t0s.min() < 0 or t0s.max() > model.T:
         raise ValueError(f"dp_sweep: every t0 must be in [0, {model.T}], got {t0s.tolist()}")
-    k1, k2 = jax.random.split(key)
+    k1, k2 = split_keys(image_keys(key, y.shape[0], "dp_sweep"))
     t_start = time.perf_counter()
     if x_map is None:
         x_map = map_estimate_jit(k1, model, op, y, config=map_config, sigma_y=sigma_y, cond=cond)

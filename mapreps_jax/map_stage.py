@@ -46,6 +46,7 @@ import optax
 from ._loops import bounded_loop
 from .diffusion import safe_sqrt
 from .model import ScoreModel
+from .rng import fold_keys, image_keys, normal_like
 from .validation import check_measurement
 
 __all__ = ["MAPConfig", "MAPState", "map_estimate", "principled_weight", "cosine_lr", "safe_norm", "prox_data_fit",
@@ -212,7 +213,8 @@ def map_estimate(key, model: ScoreModel, op, y, *, config: MAPConfig = MAPConfig
     """Stage 1: ``x_MAP`` for a batch of measurements ``y`` (``[B, *op.out_shape]``).
 
     Args:
-      key: PRNG key (noise ``n`` of each step).
+      key: one PRNG key or ``[B]`` keys (:mod:`mapreps_jax.rng`); the noise ``n`` of step ``k`` for image ``i`` is
+        ``normal(fold_in(keys[i], k))``.
       model: :class:`ScoreModel` (exact prior or network).
       op: forward :class:`~mapreps_jax.operators.Operator` (linear for ``solver="prox"``).
       y: measurements, ``[B, *op.out_shape]``.
@@ -233,6 +235,7 @@ def map_estimate(key, model: ScoreModel, op, y, *, config: MAPConfig = MAPConfig
         raise ValueError(f"map_estimate: solver='prox' needs a linear operator (it solves the data term with A^T); "
                          f"{op.name!r} is nonlinear: use solver='adamw'")
     x = op.x_init(y) if x_init is None else jnp.asarray(x_init, jnp.float32)
+    keys = image_keys(key, y.shape[0], "map_estimate")
     t1 = jnp.asarray(cfg.t1, jnp.float32)
     a = model.alpha_bar(t1)
     if a.ndim:  # one t1 per image ([B]): broadcast over the event axes
@@ -261,7 +264,7 @@ def map_estimate(key, model: ScoreModel, op, y, *, config: MAPConfig = MAPConfig
 
     def body(k, carry):
         state, x_sum = carry
-        n = jax.random.normal(jax.random.fold_in(key, k), state.x.shape, state.x.dtype)
+        n = normal_like(fold_keys(keys, k), state.x)  # image i, step k: normal(fold_in(keys[i], k))
         x_t = jnp.sqrt(a) * state.x + jnp.sqrt(1.0 - a) * n
         # ``e`` enters the inner gradient as a separate argument: that is the stop-gradient sg(e) of the loss
         # (no back-propagation through the network w.r.t. x), while outer derivatives (w.r.t. t1, w, lr, ...) still

@@ -232,9 +232,12 @@ class Operator:
 
     def measure(self, key, x, sigma_y):
         """``y = A(x) + sigma_y * n``, ``n ~ N(0, I)`` of ``A(x)``'s shape; ``sigma_y`` in [-1, 1] units (a scalar or
-        an array broadcastable against ``A(x)``). Deterministic in ``key``."""
+        an array broadcastable against ``A(x)``). Deterministic in ``key``: one key or ``[B]`` keys, image ``i``'s
+        noise drawn from ``image_keys(key, B)[i]`` alone (:mod:`mapreps_jax.rng`)."""
+        from .rng import image_keys, normal_like
+
         y = self.A(x)
-        n = jax.random.normal(key, y.shape, y.dtype)
+        n = normal_like(image_keys(key, y.shape[0], "measure"), y)
         if self.valid_fn is not None:  # padded entries (see stack_operators) stay exactly zero
             n = n * self._map(self.valid_fn, y, self.out_shape, "y", "measure")
         return y + jnp.asarray(sigma_y, y.dtype) * n

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from ._loops import bounded_loop, concrete_int
 from .diffusion import renoise
 from .model import ScoreModel
+from .rng import fold_keys, image_keys, split_keys
 from .samplers import DPSStep
 from .validation import check_measurement, check_signal
 
@@ -53,9 +54,11 @@ def reverse_loop(key, model: ScoreModel, op, y, x, t_start, *, sampler=DPSStep()
                  n_steps: Optional[int] = None, continuous: bool = False, max_steps: Optional[int] = None):
     """Run the sampler from ``x`` at time ``t_start`` down to the clean end (-1).
 
+    ``key``: one key or ``[B]`` keys; step ``k`` of image ``i`` uses ``fold_in(keys[i], k)``.
     Full grid (``n_steps=None``): ``t_start + 1`` steps ``i -> i - 1``, ``i = t_start, ..., 0``.
     Sub-grid: ``n_steps`` steps on :func:`subgrid_times` (steps whose rounded times coincide are skipped).
     """
+    keys = image_keys(key, x.shape[0])
     if n_steps is None:
         if continuous:
             raise ValueError("continuous=True needs n_steps (a fixed number of steps on [0, t0])")
@@ -66,7 +69,7 @@ def reverse_loop(key, model: ScoreModel, op, y, x, t_start, *, sampler=DPSStep()
 
         def body(k, xx):
             i = t_start - k
-            return sampler.step(jax.random.fold_in(key, k), model, op, y, xx, i, i - 1, cond)
+            return sampler.step(fold_keys(keys, k), model, op, y, xx, i, i - 1, cond)
 
         return bounded_loop(body, x, n if ts is None else ts + 1, max_n)
 
@@ -76,7 +79,7 @@ def reverse_loop(key, model: ScoreModel, op, y, x, t_start, *, sampler=DPSStep()
         k, t, tn = inp
         active = tn < t
         xx = jax.lax.cond(active,
-                          lambda v: sampler.step(jax.random.fold_in(key, k), model, op, y, v, t, tn, cond),
+                          lambda v: sampler.step(fold_keys(keys, k), model, op, y, v, t, tn, cond),
                           lambda v: v, xx)
         return xx, None
 
@@ -89,7 +92,8 @@ def rps(key, model: ScoreModel, op, y, x_init, t0, *, sampler=DPSStep(), cond=No
     """Stage 2: re-noise ``x_init`` to ``alpha_bar(t0 - 1)`` and sample back to 0 (see module doc).
 
     Args:
-      key: PRNG key.
+      key: one PRNG key, or ``[B]`` keys (one per image; see :mod:`mapreps_jax.rng`): image ``i``'s re-noising and
+        steps use ``split(keys[i])``, so its output does not depend on the rest of the batch.
       model, op, y: the prior, the forward operator, the measurements ``[B, *op.out_shape]``.
       x_init: ``[B, *op.in_shape]`` starting estimate (the MAP estimate in MAP-RPS; ``A_pinv y`` in CCDF).
       t0: re-noising time in ``{0, ..., T}`` (traced; real-valued with ``continuous=True``). ``0`` returns ``x_init``.
@@ -106,7 +110,7 @@ def rps(key, model: ScoreModel, op, y, x_init, t0, *, sampler=DPSStep(), cond=No
     t0c = concrete_int(t0)
     if t0c is not None and not 0 <= t0c <= model.T:
         raise ValueError(f"{where}: t0 must be in [0, {model.T}], got {t0c}")
-    k_noise, k_loop = jax.random.split(key)
+    k_noise, k_loop = split_keys(image_keys(key, x_init.shape[0], where))
     if continuous:
         t0 = jnp.asarray(t0, jnp.float32)
     else:

@@ -5,7 +5,8 @@ be traced, vmapped, differentiated), flags are static. One method:
 
     sampler.step(key, model, op, y, x_t, t, t_next, cond=None) -> x_{t_next}
 
-``t`` / ``t_next`` are scalar (integer or real) times with ``t_next < t``; ``t_next = -1`` is the clean end
+``key`` is one key or ``[B]`` keys (one per image; the step's noise for image ``i`` is drawn from its key alone,
+:mod:`mapreps_jax.rng`). ``t`` / ``t_next`` are scalar (integer or real) times with ``t_next < t``; ``t_next = -1`` is the clean end
 (``alpha_bar(-1) = 1``). All steps share the DDPM/DDIM(eta) move of ``ALGORITHMS.md`` section 0:
 
     x0 = Tweedie(x_t, eps)          (clipped to [-1, 1] when ``clip``)
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 
 from .diffusion import _bcast, ddim_sigma_log, ddim_step, eps_from_x0, learned_range_std, log_alpha_bar, tweedie
 from .map_stage import safe_norm
+from .rng import image_keys, normal_like
 
 __all__ = ["DDPMStep", "DPSStep", "DDNMStep", "SAMPLERS", "make_sampler"]
 
@@ -54,7 +56,7 @@ def _move(key, model, x, x0, t, t_next, a_t, a_n, eta, v, variance, noise_scale)
         s = jnp.where(jnp.asarray(t_next) < 0, 0.0, learned_range_std(sched, jnp.asarray(t, jnp.int32), v))
     if jnp.ndim(s) < x.ndim:
         s = _bcast(s, x)
-    return mean + noise_scale * s * jax.random.normal(key, x.shape, x.dtype)
+    return mean + noise_scale * s * normal_like(image_keys(key, x.shape[0]), x)
 
 
 @jax.tree_util.register_dataclass

@@ -202,8 +202,8 @@ def test_map_rps_sweep_monotone_and_above_ideal_curve():
 
 
 def test_dp_sweep_keys_progress_and_timings():
-    """dp_sweep = Stage 1 with split(key)[0], then Stage 2 with split(key)[1] for every t0 (t0 = 0 is the Stage-1
-    estimate itself); progress is called with 0 after Stage 1 and with i after the i-th t0; both stages are timed."""
+    """dp_sweep = Stage 1 with split(keys[i])[0], then Stage 2 with split(keys[i])[1] for every t0, keys[i] the
+    key of image i (t0 = 0 is the Stage-1 estimate itself); progress is called with 0 after Stage 1 and with i after the i-th t0; both stages are timed."""
     prior, op, x, y = _setup(d=8, s=1.0, sigma=0.5, n=16, seed=4)
     model = prior.score_model(SCHED)
     cfg = mr.MAPConfig(t1=10.0, w=1.0, n_iter=20, lr=0.05)
@@ -214,7 +214,7 @@ def test_dp_sweep_keys_progress_and_timings():
                       progress=lambda i, n: calls.append((i, n)))
     assert calls == [(0, 3), (1, 3), (2, 3), (3, 3)]
     assert set(res.seconds) == {"stage1", "stage2"} and all(v > 0 for v in res.seconds.values())
-    k1, k2 = jax.random.split(key)
+    k1, k2 = mr.split_keys(mr.image_keys(key, y.shape[0]))
     x_map = mr.map_estimate(k1, model, op, y, config=cfg)
     np.testing.assert_allclose(res.x_map, x_map, atol=1e-6)
     np.testing.assert_array_equal(res.outputs[0], res.x_map)

@@ -92,11 +92,17 @@ def test_single_rps_equals_full_loop_written_out():
     t0 = 6
     key = jax.random.PRNGKey(9)
     out = mr.rps(key, model, op, y, x_init, jnp.int32(t0), sampler=sampler)
-    k_noise, k_loop = jax.random.split(key)
+    # per-image streams (mapreps_jax.rng): image b re-noises with split(fold_in(key, b))[0] and takes step k with
+    # fold_in(split(fold_in(key, b))[1], k); written out here with jax.random alone
+    per = [jax.random.split(jax.random.fold_in(key, b)) for b in range(x_init.shape[0])]
+    k_noise = jnp.stack([p[0] for p in per])
+    k_loop = jnp.stack([p[1] for p in per])
     a = SCHED.alpha_bar_ext[t0]  # alpha_bar(t0 - 1)
-    xx = jnp.sqrt(a) * x_init + jnp.sqrt(1 - a) * jax.random.normal(k_noise, x_init.shape)
+    z = jnp.stack([jax.random.normal(k, x_init.shape[1:]) for k in k_noise])
+    xx = jnp.sqrt(a) * x_init + jnp.sqrt(1 - a) * z
     for k, i in enumerate(range(t0 - 1, -1, -1)):
-        xx = sampler.step(jax.random.fold_in(k_loop, k), model, op, y, xx, jnp.int32(i), jnp.int32(i - 1))
+        step_keys = jnp.stack([jax.random.fold_in(kl, k) for kl in k_loop])
+        xx = sampler.step(step_keys, model, op, y, xx, jnp.int32(i), jnp.int32(i - 1))
     np.testing.assert_allclose(np.asarray(out), np.asarray(xx), rtol=1e-5, atol=1e-6)
 
 
