@@ -17,13 +17,14 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from .model import ScoreModel
 from .rng import fold_keys, image_keys, normal, normal_like, split_keys
 from .rps_stage import reverse_loop, rps, subgrid_times
 from .samplers import DDPMStep, DPSStep
-from .validation import check_measurement
+from .validation import check_measurement, check_scalar, check_signal, check_t0
 
 __all__ = ["prior_sample", "dps", "dps_average", "ccdf", "red_diff", "REDDiffConfig", "RED_DIFF_WEIGHTINGS", "red_diff_weight"]
 
@@ -49,14 +50,18 @@ def dps(key, model: ScoreModel, op, y, *, sampler=None, cond=None, n_steps: Opti
     y = check_measurement(op, y, "dps")
     if sampler is None:
         sampler = DPSStep(zeta=zeta, noise_scale=noise_scale, clip=clip)
+    if n_steps is not None:
+        check_scalar(n_steps, "n_steps", "dps", lo=1, integer=True)
     k0, k1 = split_keys(image_keys(key, y.shape[0], "dps"))
-    x = normal(k0, op.in_shape)
+    x = normal(k0, op.in_shape, y.dtype)  # float64 measurements give a float64 run
     return reverse_loop(k1, model, op, y, x, model.T - 1, sampler=sampler, cond=cond, n_steps=n_steps)
 
 
 def dps_average(key, model: ScoreModel, op, y, n_samples: int, **kwargs):
     """DPS-A: the average of ``n_samples`` independent DPS outputs (a ``lax.map`` over samples; sample ``j`` of
     image ``i`` runs :func:`dps` with key ``fold_in(keys[i], j)``)."""
+    if isinstance(n_samples, bool) or int(n_samples) != n_samples or int(n_samples) < 1:
+        raise ValueError(f"dps_average: n_samples must be a positive integer, got {n_samples!r}")
     keys = image_keys(key, jnp.shape(y)[0], "dps_average")
     outs = jax.lax.map(lambda j: dps(fold_keys(keys, j), model, op, y, **kwargs), jnp.arange(int(n_samples)))
     return jnp.mean(outs, axis=0)
@@ -66,16 +71,18 @@ def ccdf(key, model: ScoreModel, op, y, t0, *, sampler=DPSStep(), cond=None, n_s
          max_steps: Optional[int] = None):
     """CCDF-style RPS: :func:`~mapreps_jax.rps_stage.rps` from ``op.x_init(y)`` (``A_pinv y``)."""
     y = check_measurement(op, y, "ccdf")
+    check_t0(t0, model.T, "ccdf")
     return rps(key, model, op, y, op.x_init(y), t0, sampler=sampler, cond=cond, n_steps=n_steps,
                max_steps=max_steps)
 
 
-RED_DIFF_WEIGHTINGS = ("linear", "sqrt", "square", "log", "clip", "const")
+RED_DIFF_WEIGHTINGS = ("linear", "sqrt", "square", "log", "clip", "power2over3", "const")
 
 
 def red_diff_weight(a, weighting: str = "linear"):
     """RED-diff's weight of the regulariser at level ``a``; base ``r = sqrt(1 - a)/sqrt(a)`` (inverse SNR^1/2):
-    linear ``r``, sqrt ``sqrt(r)``, square ``r^2``, log ``log(1 + r)``, clip ``min(r, 1)``, const ``1``."""
+    linear ``r``, sqrt ``sqrt(r)``, square ``r^2``, log ``log(1 + r)``, clip ``min(r, 1)``, power2over3 ``r^(2/3)``,
+    const ``1`` (the weightings of NVlabs' RED-diff code)."""
     r = jnp.sqrt(1.0 - a) / jnp.sqrt(a)
     if weighting == "linear":
         return r
@@ -87,17 +94,27 @@ def red_diff_weight(a, weighting: str = "linear"):
         return jnp.log1p(r)
     if weighting == "clip":
         return jnp.minimum(r, 1.0)
+    if weighting == "power2over3":
+        return r ** (2.0 / 3.0)
     if weighting == "const":
         return jnp.ones_like(r)
     raise ValueError(f"red_diff: unknown weighting {weighting!r}; expected one of {RED_DIFF_WEIGHTINGS}")
 
 
+RED_DIFF_GRIDS = ("clean", "nvlabs")
+
+
 @dataclasses.dataclass(frozen=True)
 class REDDiffConfig:
-    """RED-diff hyper-parameters (numbers are traceable leaves; ``n_steps``/``weighting`` static).
+    """RED-diff hyper-parameters (numbers are traceable leaves; ``n_steps``/``weighting``/``grid``/``return_before_last``
+    static).
 
-    ``lam`` = lambda (0.25), ``lr`` Adam learning rate (0.1..0.5, b1 0.9, b2 0.99), ``n_steps`` S (grid from
-    ``T-1`` to 0), ``weighting`` one of :data:`RED_DIFF_WEIGHTINGS`, ``obs_weight`` the data term's weight (1).
+    ``lam`` = lambda (0.25), ``lr`` Adam learning rate (0.1..0.5, b1 0.9, b2 0.99), ``n_steps`` S, ``weighting`` one
+    of :data:`RED_DIFF_WEIGHTINGS`, ``obs_weight`` the data term's weight (1).
+
+    ``grid="clean"`` (default): ``S`` times evenly from ``T - 1`` down to 0. ``grid="nvlabs"``: NVlabs' grid
+    ``{T - skip, T - 2 skip, ..., 0}``, ``skip = T // S``. ``return_before_last=True`` returns the estimate before
+    the last Adam step, as NVlabs' code does. :meth:`nvlabs` gives their whole configuration.
     """
 
     lam: Any = 0.25
@@ -105,23 +122,54 @@ class REDDiffConfig:
     obs_weight: Any = 1.0
     n_steps: int = 1000
     weighting: str = "linear"
+    grid: str = "clean"
+    return_before_last: bool = False
 
     def __post_init__(self):
         if self.weighting not in RED_DIFF_WEIGHTINGS:
             raise ValueError(f"REDDiffConfig.weighting: expected one of {RED_DIFF_WEIGHTINGS}, got {self.weighting!r}")
+        if self.grid not in RED_DIFF_GRIDS:
+            raise ValueError(f"REDDiffConfig.grid: expected one of {RED_DIFF_GRIDS}, got {self.grid!r}")
+        if isinstance(self.n_steps, bool) or not isinstance(self.n_steps, int) or self.n_steps < 1:
+            raise ValueError(f"REDDiffConfig.n_steps: expected a positive int, got {self.n_steps!r}")
+        check_scalar(self.lam, "lam", "REDDiffConfig")
+        check_scalar(self.lr, "lr", "REDDiffConfig", lo=0.0, lo_inclusive=False)
+        check_scalar(self.obs_weight, "obs_weight", "REDDiffConfig", lo=0.0)
+
+    @classmethod
+    def nvlabs(cls, **overrides) -> "REDDiffConfig":
+        """RED-diff as NVlabs' code runs it: lr 0.1, lambda 0.25, 50 steps on the grid ``{T - skip, ..., 0}``, Adam
+        betas (0.9, 0.99), linear weighting, the estimate taken before the last Adam step."""
+        kw = dict(lam=0.25, lr=0.1, n_steps=50, weighting="linear", grid="nvlabs", return_before_last=True)
+        kw.update(overrides)
+        return cls(**kw)
+
+    def times(self, T: int):
+        """The descending grid of diffusion times, ``[n_steps]`` int32."""
+        if self.grid == "nvlabs":
+            skip = T // self.n_steps
+            if skip < 1:
+                raise ValueError(f"REDDiffConfig: grid='nvlabs' needs n_steps <= T = {T}, got {self.n_steps}")
+            return jnp.asarray(T - skip * (np.arange(self.n_steps) + 1), jnp.int32)
+        return subgrid_times(T - 1, self.n_steps)[0]
 
 
 jax.tree_util.register_dataclass(REDDiffConfig, data_fields=["lam", "lr", "obs_weight"],
-                                 meta_fields=["n_steps", "weighting"])
+                                 meta_fields=["n_steps", "weighting", "grid", "return_before_last"])
 
 
 def red_diff(key, model: ScoreModel, op, y, *, config: REDDiffConfig = REDDiffConfig(), cond=None, x_init=None):
     """RED-diff (see module doc). Per-image means (so images of a batch do not interact). NFE = ``n_steps``."""
     y = check_measurement(op, y, "red_diff")
-    mu = op.x_init(y) if x_init is None else jnp.asarray(x_init, jnp.float32)
+    if x_init is not None:
+        x_init = check_signal(op, x_init, "red_diff", "x_init")
+        if x_init.shape[0] != y.shape[0]:
+            raise ValueError(f"red_diff: x_init and y must have the same batch size; got {x_init.shape[0]} and "
+                             f"{y.shape[0]}")
+    mu = op.x_init(y) if x_init is None else x_init
     keys = image_keys(key, y.shape[0], "red_diff")
     opt = optax.adam(config.lr, b1=0.9, b2=0.99)
-    times, _ = subgrid_times(model.T - 1, config.n_steps)
+    times = config.times(model.T)
     axes_y = tuple(range(1, y.ndim))
     axes_x = tuple(range(1, mu.ndim))
 
@@ -142,6 +190,10 @@ def red_diff(key, model: ScoreModel, op, y, *, config: REDDiffConfig = REDDiffCo
         upd, st = opt.update(g, st, m)
         return (optax.apply_updates(m, upd), st), None
 
-    (mu, _), _ = jax.lax.scan(body, (mu, opt.init(mu)), (jnp.arange(config.n_steps), times))
-    return mu
+    def scan_body(carry, inp):
+        new = body(carry, inp)[0]
+        return new, carry[0]  # also emit the estimate before this step
+
+    (mu, _), before = jax.lax.scan(scan_body, (mu, opt.init(mu)), (jnp.arange(config.n_steps), times))
+    return before[-1] if config.return_before_last else mu
 

@@ -21,7 +21,7 @@ from .model import ScoreModel
 from .rng import image_keys, split_keys
 from .rps_stage import rps, stage2_nfe
 from .samplers import DPSStep
-from .validation import check_measurement, check_signal
+from .validation import check_measurement, check_same_batch, check_scalar, check_signal, check_t0
 
 __all__ = ["map_rps", "dp_sweep", "SweepResult", "map_estimate_jit", "rps_jit"]
 
@@ -44,6 +44,8 @@ def map_rps(key, model: ScoreModel, op, y, t0, *, map_config: MAPConfig = MAPCon
     """MAP-RPS at one ``t0``: Stage 1 (:func:`~mapreps_jax.map_stage.map_estimate`) then Stage 2
     (:func:`~mapreps_jax.rps_stage.rps`). Keys (one or ``[B]``, :mod:`mapreps_jax.rng`): image ``i``'s Stage 1 uses
     ``split(keys[i])[0]``, its Stage 2 ``split(keys[i])[1]``."""
+    y = check_measurement(op, y, "map_rps")
+    check_t0(t0, model.T, "map_rps")  # before Stage 1, so a bad t0 fails before the work
     k1, k2 = split_keys(image_keys(key, jnp.shape(y)[0], "map_rps"))
     x_map = map_estimate(k1, model, op, y, config=map_config, sigma_y=sigma_y, cond=cond)
     return rps(k2, model, op, y, x_map, t0, sampler=sampler, cond=cond, n_steps=n_steps, max_steps=max_steps)
@@ -85,11 +87,17 @@ def dp_sweep(key, model: ScoreModel, op, y, t0s: Sequence[int], *, map_config: M
     was skipped) and with ``i`` after the ``i``-th of the ``n`` ``t0`` values.
     """
     y = check_measurement(op, y, "dp_sweep")
-    t0s = np.asarray([int(t) for t in t0s], np.int32)
-    if t0s.ndim != 1 or t0s.size == 0:
+    t0_list = list(np.asarray(t0s).reshape(-1)) if np.ndim(t0s) else None
+    if not t0_list:
         raise ValueError(f"dp_sweep: t0s must be a non-empty list of integers, got {t0s!r}")
-    if t0s.min() < 0 or t0s.max() > model.T:
-        raise ValueError(f"dp_sweep: every t0 must be in [0, {model.T}], got {t0s.tolist()}")
+    t0s = np.asarray([check_t0(t, model.T, "dp_sweep") for t in t0_list], np.int32)
+    check_scalar(sigma_y, "sigma_y (measurement noise std, [-1, 1] units)", "dp_sweep", lo=0.0)
+    if x_true is not None:
+        x_true = check_signal(op, x_true, "dp_sweep", "x_true")
+        check_same_batch(x_true, y, "x_true", "y", "dp_sweep")
+    if x_map is not None:
+        x_map = check_signal(op, x_map, "dp_sweep", "x_map")
+        check_same_batch(x_map, y, "x_map", "y", "dp_sweep")
     k1, k2 = split_keys(image_keys(key, y.shape[0], "dp_sweep"))
     t_start = time.perf_counter()
     if x_map is None:
@@ -97,7 +105,6 @@ def dp_sweep(key, model: ScoreModel, op, y, t0s: Sequence[int], *, map_config: M
         x_map.block_until_ready()
         n1 = int(map_config.n_iter)
     else:
-        x_map = check_signal(op, x_map, "dp_sweep", "x_map")
         n1 = 0
     seconds = {"stage1": time.perf_counter() - t_start}
     if progress is not None:
@@ -128,7 +135,6 @@ def dp_sweep(key, model: ScoreModel, op, y, t0s: Sequence[int], *, map_config: M
         nfe["total_vectorized"] = n1 + len(t0s) * (int(n_steps) if n_steps else int(t0s.max()))
     sq_err = rmse = psnr = None
     if x_true is not None:
-        x_true = check_signal(op, x_true, "dp_sweep", "x_true")
         axes = tuple(range(2, outputs.ndim))
         sq_err = jnp.sum((outputs - x_true[None]) ** 2, axis=axes)
         if len(op.in_shape) == 3:

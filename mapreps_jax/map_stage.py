@@ -45,9 +45,10 @@ import optax
 
 from ._loops import bounded_loop
 from .diffusion import safe_sqrt
+from .linalg import cg_solve
 from .model import ScoreModel
 from .rng import fold_keys, image_keys, normal_like
-from .validation import check_measurement
+from .validation import check_measurement, check_scalar, check_signal
 
 __all__ = ["MAPConfig", "MAPState", "map_estimate", "principled_weight", "cosine_lr", "safe_norm", "prox_data_fit",
            "MAP_SOLVERS"]
@@ -127,6 +128,19 @@ class MAPConfig:
                              "needs solver='adamw'")
         if isinstance(self.cg_iters, bool) or not isinstance(self.cg_iters, int) or self.cg_iters < 1:
             raise ValueError(f"MAPConfig.cg_iters: expected a positive int, got {self.cg_iters!r}")
+        w = "MAPConfig"
+        check_scalar(self.t1, "t1 (Stage-1 diffusion time)", w, lo=-1.0, lo_inclusive=False)
+        if not isinstance(self.w, str):
+            check_scalar(self.w, "w (prior weight)", w, lo=0.0)
+        check_scalar(self.n_iter, "n_iter (number of Stage-1 steps)", w, lo=1, integer=True)
+        check_scalar(self.lr, "lr", w, lo=0.0, lo_inclusive=False)
+        check_scalar(self.lr_min, "lr_min", w, lo=0.0)
+        check_scalar(self.weight_decay, "weight_decay", w, lo=0.0)
+        check_scalar(self.r2, "r2", w, lo=0.0, lo_inclusive=False)
+        check_scalar(self.prox_step, "prox_step", w, lo=0.0, lo_inclusive=False)
+        check_scalar(self.average, "average", w, lo=0, integer=True)
+        if self.max_iter is not None:
+            check_scalar(self.max_iter, "max_iter", w, lo=1, integer=True)
 
 
 # ``w`` is a leaf unless it is the string "auto"; a str leaf would break tracing, so flatten it statically.
@@ -183,29 +197,7 @@ def prox_data_fit(op, y, v, eta, n_iter: int = 20, aty=None):
     def mv(u):
         return u + 2.0 * eta * op.AT(op.A(u))
 
-    def dot(p, q):
-        return jnp.sum(p * q, axis=axes, keepdims=True)
-
-    b = v + 2.0 * eta * aty
-    # An image whose residual is below 1e-6 of its right-hand side stops (alpha = beta = 0): past that point the
-    # CG scalars are ratios of rounding errors, and their derivatives would overflow to inf/NaN under ``grad``.
-    tol2 = 1e-12 * dot(b, b)
-
-    def safe_div(num, den, ok):
-        return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
-
-    r = b - mv(v)
-
-    def step(_, c):
-        x, r, p, rs = c
-        active = rs > tol2
-        ap = mv(p)
-        alpha = safe_div(rs, dot(p, ap), active)
-        x, r = x + alpha * p, r - alpha * ap
-        rs_new = dot(r, r)
-        return x, r, r + safe_div(rs_new, rs, active) * p, jnp.where(active, rs_new, rs)
-
-    return jax.lax.fori_loop(0, int(n_iter), step, (v, r, r, dot(r, r)))[0]
+    return cg_solve(mv, v + 2.0 * eta * aty, v, axes, n_iter)
 
 
 def map_estimate(key, model: ScoreModel, op, y, *, config: MAPConfig = MAPConfig(), sigma_y=None, x_init=None,
@@ -229,12 +221,18 @@ def map_estimate(key, model: ScoreModel, op, y, *, config: MAPConfig = MAPConfig
     positive), and the trace when asked.
     """
     y = check_measurement(op, y, "map_estimate")
+    check_scalar(sigma_y, "sigma_y (measurement noise std, [-1, 1] units)", "map_estimate", lo=0.0)
+    if x_init is not None:
+        x_init = check_signal(op, x_init, "map_estimate", "x_init")
+        if x_init.shape[0] != y.shape[0]:
+            raise ValueError(f"map_estimate: x_init and y must have the same batch size; got {x_init.shape[0]} and "
+                             f"{y.shape[0]}")
     cfg = config
     prox = cfg.solver == "prox"
     if prox and not op.linear:
         raise ValueError(f"map_estimate: solver='prox' needs a linear operator (it solves the data term with A^T); "
                          f"{op.name!r} is nonlinear: use solver='adamw'")
-    x = op.x_init(y) if x_init is None else jnp.asarray(x_init, jnp.float32)
+    x = op.x_init(y) if x_init is None else x_init
     keys = image_keys(key, y.shape[0], "map_estimate")
     t1 = jnp.asarray(cfg.t1, jnp.float32)
     a = model.alpha_bar(t1)

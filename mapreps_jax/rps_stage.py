@@ -27,7 +27,7 @@ from .diffusion import renoise
 from .model import ScoreModel
 from .rng import fold_keys, image_keys, split_keys
 from .samplers import DPSStep
-from .validation import check_measurement, check_signal
+from .validation import check_measurement, check_scalar, check_signal, check_t0
 
 __all__ = ["rps", "reverse_loop", "subgrid_times", "stage2_nfe"]
 
@@ -107,9 +107,10 @@ def rps(key, model: ScoreModel, op, y, x_init, t0, *, sampler=DPSStep(), cond=No
     x_init = check_signal(op, x_init, where, "x_init")
     if y.shape[0] != x_init.shape[0]:
         raise ValueError(f"{where}: y and x_init must have the same batch size; got {y.shape[0]} and {x_init.shape[0]}")
-    t0c = concrete_int(t0)
-    if t0c is not None and not 0 <= t0c <= model.T:
-        raise ValueError(f"{where}: t0 must be in [0, {model.T}], got {t0c}")
+    t0 = check_t0(t0, model.T, where, continuous)
+    t0c = None if continuous else concrete_int(t0)
+    if n_steps is not None:
+        check_scalar(n_steps, "n_steps", where, lo=1, integer=True)
     k_noise, k_loop = split_keys(image_keys(key, x_init.shape[0], where))
     if continuous:
         t0 = jnp.asarray(t0, jnp.float32)

@@ -16,6 +16,16 @@ be traced, vmapped, differentiated), flags are static. One method:
 (eta = 1 on adjacent integer steps is exactly the DDPM posterior mean plus ``sqrt(beta_tilde) z``); with
 ``variance="learned"`` the mean stays the DDPM posterior mean and the noise std is the network's learned-range std
 (as guided-diffusion's ``p_sample``; full integer grid only).
+
+The paper's code differs in two details, offered as named options (the defaults stay the clean form above):
+``mean="raw"`` uses the raw network ``eps`` with the (clipped) ``x0`` in a DDIM-form mean,
+``x_next = sqrt(a_n) x0 + sqrt(1 - a_n - s^2) eps_raw + s z``; ``variance="learned_official"`` takes the learned-range
+std with ``exp(v)`` in place of the variance channels ``v`` and adds noise on the last step too
+(``ALGORITHMS.md`` section 2). ``DPSStep.official(zeta)`` combines both.
+
+Guidance through the conditional score (PiGDM, DMPS): with an approximation ``p(y | x_t) ~ N(y; m(x_t), C_t)`` the
+conditional Tweedie estimate is ``x0_c = x0 + zeta (1 - a_t) / sqrt(a_t) grad_{x_t} log p(y | x_t)`` (Tweedie's
+formula with the score ``s(x_t) + grad log p(y | x_t)``), followed by the shared move from ``x0_c``.
 """
 
 from __future__ import annotations
@@ -27,36 +37,58 @@ import jax
 import jax.numpy as jnp
 
 from .diffusion import _bcast, ddim_sigma_log, ddim_step, eps_from_x0, learned_range_std, log_alpha_bar, tweedie
+from .linalg import cg_solve
 from .map_stage import safe_norm
 from .rng import image_keys, normal_like
+from .validation import check_scalar
 
-__all__ = ["DDPMStep", "DPSStep", "DDNMStep", "SAMPLERS", "make_sampler"]
+__all__ = ["DDPMStep", "DPSStep", "DDNMStep", "PiGDMStep", "DMPSStep", "SAMPLERS", "make_sampler"]
 
-_VARIANCES = ("ddim", "learned")
-
-
-def _check_variance(v):
-    if v not in _VARIANCES:
-        raise ValueError(f"sampler variance: expected one of {_VARIANCES}, got {v!r}")
+_VARIANCES = ("ddim", "learned", "learned_official")
+_MEANS = ("rederived", "raw")
 
 
-def _move(key, model, x, x0, t, t_next, a_t, a_n, eta, v, variance, noise_scale):
+def _check_static(obj, field: str, allowed):
+    v = getattr(obj, field)
+    if v not in allowed:
+        raise ValueError(f"{type(obj).__name__}.{field}: expected one of {allowed}, got {v!r}")
+
+
+def _check_numbers(obj, **bounds):
+    """Concrete numeric fields must be finite (and ``>= lo`` for ``field=lo``; ``None``: finite only)."""
+    for name, lo in bounds.items():
+        check_scalar(getattr(obj, name), name, type(obj).__name__, lo=lo)
+
+
+def _move(key, model, x, x0, t, t_next, a_t, a_n, eta, v, variance, noise_scale, mean="rederived", e_raw=None):
     """The shared DDPM/DDIM(eta) move from ``x_t`` given ``x0`` (see module doc).
 
-    The mean always uses the DDIM(eta) std ``s`` (for eta = 1: the DDPM posterior mean, independent of the noise
-    std); the noise term is ``noise_scale * s_noise * z`` with ``s_noise = s``, or the learned-range std for
-    ``variance="learned"`` (as guided-diffusion's ``p_sample``: posterior mean + learned std, none on the last step).
+    ``mean="rederived"`` (default): the mean uses ``eps`` re-derived from ``x0`` and the DDIM(eta) std ``s`` (for
+    eta = 1: the DDPM posterior mean, independent of the noise std); the noise term is ``noise_scale * s_noise * z``
+    with ``s_noise = s``, or the learned-range std for ``variance="learned"`` (as guided-diffusion's ``p_sample``:
+    posterior mean + learned std, none on the last step). ``mean="raw"``: ``sqrt(a_n) x0 + sqrt(1 - a_n - s^2) e_raw``
+    with ``s`` the noise std of the step. ``variance="learned_official"``: ``learned_range_std(exp(v))``, also on the
+    last step.
     """
     sched = model.schedule
     s = ddim_sigma_log(log_alpha_bar(sched, t), log_alpha_bar(sched, t_next), eta)
-    mean = ddim_step(None, x0, eps_from_x0(x, x0, a_t), a_n, s)
-    if variance == "learned":
+    if variance in ("learned", "learned_official"):
         if v is None:
-            raise ValueError(f"variance='learned' needs a model with learned variance; {model.name!r} has none")
-        s = jnp.where(jnp.asarray(t_next) < 0, 0.0, learned_range_std(sched, jnp.asarray(t, jnp.int32), v))
-    if jnp.ndim(s) < x.ndim:
-        s = _bcast(s, x)
-    return mean + noise_scale * s * normal_like(image_keys(key, x.shape[0]), x)
+            raise ValueError(f"variance={variance!r} needs a model with learned variance; {model.name!r} has none")
+        ti = jnp.asarray(t, jnp.int32)
+        if variance == "learned":
+            s_noise = jnp.where(jnp.asarray(t_next) < 0, 0.0, learned_range_std(sched, ti, v))
+        else:
+            s_noise = learned_range_std(sched, ti, jnp.exp(v))
+    else:
+        s_noise = s
+    if mean == "raw":
+        m = ddim_step(None, x0, e_raw, a_n, s_noise)
+    else:
+        m = ddim_step(None, x0, eps_from_x0(x, x0, a_t), a_n, s)
+    if jnp.ndim(s_noise) < x.ndim:
+        s_noise = _bcast(s_noise, x)
+    return m + noise_scale * s_noise * normal_like(image_keys(key, x.shape[0]), x)
 
 
 @jax.tree_util.register_dataclass
@@ -70,8 +102,11 @@ class DDPMStep:
     clip: bool = dataclasses.field(default=False, metadata=dict(static=True))
     variance: str = dataclasses.field(default="ddim", metadata=dict(static=True))
 
+    def __post_init__(self):
+        _check_static(self, "variance", _VARIANCES)
+        _check_numbers(self, eta=0.0, noise_scale=0.0)
+
     def step(self, key, model, op, y, x, t, t_next, cond=None):
-        _check_variance(self.variance)
         a_t, a_n = model.alpha_bar(t), model.alpha_bar(t_next)
         e, v = model.eps_and_var(x, t, cond)
         x0 = tweedie(x, e, a_t, self.clip)
@@ -86,7 +121,8 @@ class DPSStep:
     ``g = grad_{x_t} ||y - A(x0(x_t))||`` (the norm; ``loss="sq"`` uses its square), then
     ``x_next = move(x_t, x0) - zeta g``. ``noise_scale`` (lambda in [0, 1]) scales the stochastic term
     (VSDPS); ``clip`` clips Tweedie to [-1, 1] (on for image priors, off on the exact testbed).
-    Costs one network forward + VJP per step.
+    ``mean`` / ``variance``: the clean move (default) or the paper code's details (module doc;
+    :meth:`official`). Costs one network forward + VJP per step.
     """
 
     zeta: Any = 1.0
@@ -95,11 +131,22 @@ class DPSStep:
     clip: bool = dataclasses.field(default=True, metadata=dict(static=True))
     loss: str = dataclasses.field(default="norm", metadata=dict(static=True))
     variance: str = dataclasses.field(default="ddim", metadata=dict(static=True))
+    mean: str = dataclasses.field(default="rederived", metadata=dict(static=True))
+
+    def __post_init__(self):
+        _check_static(self, "variance", _VARIANCES)
+        _check_static(self, "loss", ("norm", "sq"))
+        _check_static(self, "mean", _MEANS)
+        _check_numbers(self, zeta=None, eta=0.0, noise_scale=0.0)
+
+    @classmethod
+    def official(cls, zeta=1.0, variance: str = "learned_official", **kwargs) -> "DPSStep":
+        """The update of the paper's released code: raw-``eps`` mean and (for learned-variance networks) the
+        official learned-range noise, which is added on the last step too. ``variance="ddim"`` for networks without
+        learned variance."""
+        return cls(zeta=zeta, mean="raw", variance=variance, **kwargs)
 
     def step(self, key, model, op, y, x, t, t_next, cond=None):
-        _check_variance(self.variance)
-        if self.loss not in ("norm", "sq"):
-            raise ValueError(f"DPSStep.loss: expected 'norm' or 'sq', got {self.loss!r}")
         a_t, a_n = model.alpha_bar(t), model.alpha_bar(t_next)
         axes = tuple(range(1, y.ndim))
 
@@ -108,11 +155,12 @@ class DPSStep:
             x0 = tweedie(xx, e, a_t, self.clip)
             r = y - op.A(x0)
             per = safe_norm(r, axes) if self.loss == "norm" else jnp.sum(r * r, axis=axes)
-            return jnp.sum(per), (x0, v)
+            return jnp.sum(per), (x0, e, v)
 
-        g, (x0, v) = jax.grad(fit, has_aux=True)(x)
-        x0 = jax.lax.stop_gradient(x0)
-        x_next = _move(key, model, x, x0, t, t_next, a_t, a_n, self.eta, v, self.variance, self.noise_scale)
+        g, (x0, e, v) = jax.grad(fit, has_aux=True)(x)
+        x0, e = jax.lax.stop_gradient(x0), jax.lax.stop_gradient(e)
+        x_next = _move(key, model, x, x0, t, t_next, a_t, a_n, self.eta, v, self.variance, self.noise_scale,
+                       self.mean, e)
         return x_next - self.zeta * g
 
 
@@ -125,6 +173,9 @@ class DDNMStep:
     eta: Any = 1.0
     clip: bool = dataclasses.field(default=True, metadata=dict(static=True))
 
+    def __post_init__(self):
+        _check_numbers(self, eta=0.0)
+
     def step(self, key, model, op, y, x, t, t_next, cond=None):
         if not op.linear or op.pinv_fn is None:
             raise ValueError(f"DDNMStep needs a linear operator with a pseudo-inverse; got {op.name!r}")
@@ -135,11 +186,121 @@ class DDNMStep:
         return _move(key, model, x, x0, t, t_next, a_t, a_n, self.eta, v, "ddim", 1.0)
 
 
-SAMPLERS = {"dps": DPSStep, "ddpm": DDPMStep, "ddnm": DDNMStep}
+def _need_linear(name, op):
+    if op is None or not op.linear:
+        raise ValueError(f"{name} needs a linear operator (it uses A^T); got {getattr(op, 'name', op)!r}")
+
+
+def _solve_meas(op, y, resid, c_aat, sigma_y, n_iter):
+    """``u = (c A A^T + sigma_y^2 I)^{-1} resid`` per image by conjugate gradients in measurement space."""
+    axes = tuple(range(1, y.ndim))
+    s2 = jnp.asarray(sigma_y, resid.dtype) ** 2
+
+    def mv(q):
+        return c_aat * op.A(op.AT(q)) + s2 * q
+
+    return cg_solve(mv, resid, jnp.zeros_like(resid), axes, n_iter)
+
+
+def _guided_x0(x0, a_t, g, zeta):
+    """Tweedie with the conditional score ``s + grad log p(y | x_t)``: ``x0 + zeta (1 - a) / sqrt(a) g``."""
+    a = _bcast(a_t, x0)
+    return x0 + zeta * (1.0 - a) / jnp.sqrt(a) * g
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PiGDMStep:
+    """Pseudo-inverse-guided diffusion step (PiGDM, Song et al. 2023) for a linear operator with Gaussian noise.
+
+    ``p(x0 | x_t) ~ N(x0_hat(x_t), r_t^2 I)`` gives ``p(y | x_t) ~ N(A x0_hat, r_t^2 A A^T + sigma_y^2 I)``, whose
+    score is the vector-Jacobian product
+
+        ``g = (d x0_hat / d x_t)^T A^T (r_t^2 A A^T + sigma_y^2 I)^{-1} (y - A x0_hat)``
+
+    (the inverse by ``cg_iters`` conjugate-gradient steps per image), then ``x0_c = x0_hat + zeta (1 - a_t)/sqrt(a_t) g``
+    and the shared move from ``x0_c``. ``r_t^2 = v (1 - a_t) / (a_t v + 1 - a_t)``, ``v = data_var`` (1: the
+    paper's ``r_t^2 = sigma_t^2 / (1 + sigma_t^2)``): the exact ``p(x0 | x_t)`` variance of an isotropic Gaussian prior
+    with variance ``v``, for which this step samples the exact posterior. ``sigma_y`` in [-1, 1] units (traced).
+    Costs one network forward + VJP per step.
+    """
+
+    zeta: Any = 1.0
+    sigma_y: Any = 0.0
+    data_var: Any = 1.0
+    eta: Any = 1.0
+    noise_scale: Any = 1.0
+    clip: bool = dataclasses.field(default=True, metadata=dict(static=True))
+    cg_iters: int = dataclasses.field(default=20, metadata=dict(static=True))
+    variance: str = dataclasses.field(default="ddim", metadata=dict(static=True))
+
+    def __post_init__(self):
+        _check_static(self, "variance", _VARIANCES)
+        _check_numbers(self, zeta=None, sigma_y=0.0, eta=0.0, noise_scale=0.0)
+        check_scalar(self.data_var, "data_var", "PiGDMStep", lo=0.0, lo_inclusive=False)
+        check_scalar(self.cg_iters, "cg_iters", "PiGDMStep", lo=1, integer=True)
+
+    def step(self, key, model, op, y, x, t, t_next, cond=None):
+        _need_linear("PiGDMStep", op)
+        a_t, a_n = model.alpha_bar(t), model.alpha_bar(t_next)
+
+        def x0_fn(xx):
+            e, v = model.eps_and_var(xx, t, cond)
+            return tweedie(xx, e, a_t, self.clip), (e, v)
+
+        x0, pullback, (e, v) = jax.vjp(x0_fn, x, has_aux=True)
+        vd = jnp.asarray(self.data_var, x.dtype)
+        r2 = vd * (1.0 - a_t) / (a_t * vd + 1.0 - a_t)
+        u = _solve_meas(op, y, y - op.A(x0), r2, self.sigma_y, self.cg_iters)
+        g = pullback(op.AT(u))[0]
+        x0c = _guided_x0(x0, a_t, g, self.zeta)
+        return _move(key, model, x, x0c, t, t_next, a_t, a_n, self.eta, v, self.variance, self.noise_scale)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DMPSStep:
+    """Diffusion-model posterior sampling step (DMPS, Meng & Kabashima 2022) for a linear operator.
+
+    With an uninformative prior, ``p(x0 | x_t) ~ N(x_t / sqrt(a_t), (1 - a_t)/a_t I)`` and
+    ``p(y | x_t) ~ N(A x_t / sqrt(a_t), sigma_y^2 I + (1 - a_t)/a_t A A^T)``, whose score needs no network Jacobian:
+
+        ``g = A^T (sigma_y^2 I + (1 - a_t)/a_t A A^T)^{-1} (y - A x_t / sqrt(a_t)) / sqrt(a_t)``
+
+    then ``x0_c = x0_hat + zeta (1 - a_t)/sqrt(a_t) g`` and the shared move (``zeta`` is DMPS's guidance scale, 1 in
+    the paper's derivation). Exact only for a flat prior. Costs one network forward per step (no VJP).
+    """
+
+    zeta: Any = 1.0
+    sigma_y: Any = 0.0
+    eta: Any = 1.0
+    noise_scale: Any = 1.0
+    clip: bool = dataclasses.field(default=True, metadata=dict(static=True))
+    cg_iters: int = dataclasses.field(default=20, metadata=dict(static=True))
+    variance: str = dataclasses.field(default="ddim", metadata=dict(static=True))
+
+    def __post_init__(self):
+        _check_static(self, "variance", _VARIANCES)
+        _check_numbers(self, zeta=None, sigma_y=0.0, eta=0.0, noise_scale=0.0)
+        check_scalar(self.cg_iters, "cg_iters", "DMPSStep", lo=1, integer=True)
+
+    def step(self, key, model, op, y, x, t, t_next, cond=None):
+        _need_linear("DMPSStep", op)
+        a_t, a_n = model.alpha_bar(t), model.alpha_bar(t_next)
+        e, v = model.eps_and_var(x, t, cond)
+        x0 = tweedie(x, e, a_t, self.clip)
+        sa = jnp.sqrt(a_t)
+        u = _solve_meas(op, y, y - op.A(x / sa), (1.0 - a_t) / a_t, self.sigma_y, self.cg_iters)
+        g = op.AT(u) / sa
+        x0c = _guided_x0(x0, a_t, g, self.zeta)
+        return _move(key, model, x, x0c, t, t_next, a_t, a_n, self.eta, v, self.variance, self.noise_scale)
+
+
+SAMPLERS = {"dps": DPSStep, "ddpm": DDPMStep, "ddnm": DDNMStep, "pigdm": PiGDMStep, "dmps": DMPSStep}
 
 
 def make_sampler(name: str, **kwargs):
-    """Build a sampler step by name (``"dps"``, ``"ddpm"``, ``"ddnm"``)."""
+    """Build a sampler step by name (``"dps"``, ``"ddpm"``, ``"ddnm"``, ``"pigdm"``, ``"dmps"``)."""
     if name not in SAMPLERS:
         raise ValueError(f"make_sampler: unknown sampler {name!r}; expected one of {sorted(SAMPLERS)}")
     return SAMPLERS[name](**kwargs)

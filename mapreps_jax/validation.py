@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import math
+import numbers
+
 import numpy as np
 
-__all__ = ["check_batched", "check_measurement", "check_signal", "check_finite"]
+__all__ = ["check_batched", "check_measurement", "check_signal", "check_finite", "concrete_value", "check_scalar",
+           "check_t0", "check_same_batch"]
 
 
 def _is_tracer(x) -> bool:
@@ -45,3 +49,71 @@ def check_measurement(op, y, where: str):
 def check_signal(op, x, where: str, name: str = "x"):
     """``x`` must be ``[B, *op.in_shape]``, floating, finite."""
     return check_batched(x, op.in_shape, name, where)
+
+
+def concrete_value(v):
+    """``v`` as a NumPy array if it is a concrete number or array (Python, NumPy or a non-traced JAX value), else
+    ``None`` (tracers, ``None``, strings and other placeholders are not inspected)."""
+    if v is None or isinstance(v, (str, bool)) or _is_tracer(v):
+        return None
+    if isinstance(v, numbers.Number):
+        return np.asarray(v)
+    if isinstance(v, (np.ndarray, np.generic, jax.Array)):
+        try:
+            return np.asarray(v)
+        except Exception:  # a non-addressable or otherwise non-fetchable array: not inspected here
+            return None
+    return None
+
+
+def check_scalar(v, name: str, where: str, *, lo=None, lo_inclusive: bool = True, integer: bool = False):
+    """Concrete values of ``v`` (a number or an array) must be finite, ``>= lo`` (``> lo`` unless ``lo_inclusive``)
+    and, with ``integer``, whole numbers. Traced values pass unchecked. Returns ``v`` unchanged."""
+    arr = concrete_value(v)
+    if arr is None or arr.dtype.kind not in "biuf":
+        return v
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        raise ValueError(f"{where}: {name} must be finite, got {_show(arr)}")
+    if integer and arr.dtype.kind == "f" and not np.all(arr == np.round(arr)):
+        raise ValueError(f"{where}: {name} must be a whole number, got {_show(arr)}")
+    if lo is not None:
+        bad = arr < lo if lo_inclusive else arr <= lo
+        if np.any(bad):
+            rel = ">=" if lo_inclusive else ">"
+            raise ValueError(f"{where}: {name} must be {rel} {lo}, got {_show(arr)}")
+    return v
+
+
+def _show(arr):
+    return repr(arr.item()) if arr.size == 1 else f"an array with values in [{np.nanmin(arr)}, {np.nanmax(arr)}]"
+
+
+def check_t0(t0, T: int, where: str, continuous: bool = False):
+    """A concrete re-noising time must be finite and in ``[0, T]``; without ``continuous`` also a whole number (a
+    float such as ``100.0`` is accepted, ``100.7`` is not). Returns it as a Python int (float when continuous) when
+    concrete, else unchanged (traced values are the caller's responsibility)."""
+    arr = concrete_value(t0)
+    if arr is None:
+        return t0
+    if arr.ndim != 0:
+        raise ValueError(f"{where}: t0 must be a scalar, got shape {arr.shape}")
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{where}: t0 must be a number, got dtype {arr.dtype}")
+    v = float(arr)
+    if not math.isfinite(v):
+        raise ValueError(f"{where}: t0 must be finite, got {v}")
+    if not 0 <= v <= T:
+        raise ValueError(f"{where}: t0 must be in [0, {T}], got {arr.item()!r}")
+    if continuous:
+        return v
+    if v != round(v):
+        raise ValueError(f"{where}: t0 must be a whole number of steps in [0, {T}] (real t0 needs continuous=True), "
+                         f"got {v!r}")
+    return int(round(v))
+
+
+def check_same_batch(a, b, name_a: str, name_b: str, where: str):
+    """``a`` and ``b`` must have the same leading (batch) size."""
+    if jnp.shape(a)[0] != jnp.shape(b)[0]:
+        raise ValueError(f"{where}: {name_a} and {name_b} must have the same batch size; got {jnp.shape(a)[0]} and "
+                         f"{jnp.shape(b)[0]}")

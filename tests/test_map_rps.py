@@ -279,7 +279,7 @@ def test_red_diff_weightings_follow_their_definitions_and_all_run():
     a = jnp.asarray([0.9, 0.5, 0.01])
     r = np.sqrt(1 - np.asarray(a)) / np.sqrt(np.asarray(a))
     expected = {"linear": r, "sqrt": np.sqrt(r), "square": r**2, "log": np.log1p(r), "clip": np.minimum(r, 1.0),
-                "const": np.ones(3)}
+                "power2over3": r ** (2.0 / 3.0), "const": np.ones(3)}
     assert set(expected) == set(mr.RED_DIFF_WEIGHTINGS)
     prior, op, x, y = _setup(n=32, seed=5)
     model = prior.score_model(SCHED)
