@@ -96,8 +96,16 @@ class Schedule:
         return alpha_bar(self, t)
 
 
-def make_schedule(kind: str = "linear", T: int = 1000, **kwargs) -> Schedule:
-    """Build a :class:`Schedule`: ``kind`` in ``{"linear", "scaled_linear", "ldm_linear"}`` (see module doc)."""
+def make_schedule(kind: str = "linear", T: int = 1000, dtype=jnp.float32, **kwargs) -> Schedule:
+    """Build a :class:`Schedule`: ``kind`` in ``{"linear", "scaled_linear", "ldm_linear"}`` (see module doc).
+
+    The tables are computed in float64 and stored as ``dtype`` (float32 by default; ``jnp.float64`` with
+    ``jax_enable_x64`` for float64 reference computations)."""
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+        raise ValueError(f"make_schedule: dtype must be float32 or float64, got {dtype}")
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ValueError("make_schedule: dtype float64 needs jax_enable_x64 (jax.config.update('jax_enable_x64', True))")
     if kind not in _BETA_FNS:
         raise ValueError(f"make_schedule: unknown schedule kind {kind!r}; expected one of {sorted(_BETA_FNS)}")
     if not isinstance(T, (int, np.integer)) or T < 2:
@@ -107,10 +115,10 @@ def make_schedule(kind: str = "linear", T: int = 1000, **kwargs) -> Schedule:
     one_minus = -np.expm1(log_ab)  # 1 - alpha_bar on the extended grid, without cancellation
     post_var = betas * one_minus[:-1] / one_minus[1:]
     return Schedule(
-        betas=jnp.asarray(betas, jnp.float32),
-        alpha_bar_ext=jnp.asarray(np.exp(log_ab), jnp.float32),
-        log_alpha_bar_ext=jnp.asarray(log_ab, jnp.float32),
-        posterior_var=jnp.asarray(post_var, jnp.float32),
+        betas=jnp.asarray(betas, dtype),
+        alpha_bar_ext=jnp.asarray(np.exp(log_ab), dtype),
+        log_alpha_bar_ext=jnp.asarray(log_ab, dtype),
+        posterior_var=jnp.asarray(post_var, dtype),
     )
 
 
@@ -135,7 +143,7 @@ def log_alpha_bar(schedule: Schedule, t) -> jax.Array:
     la = schedule.log_alpha_bar_ext
     if jnp.issubdtype(t.dtype, jnp.integer):
         return la[jnp.clip(t + 1, 0, T)]
-    s = jnp.clip(t.astype(jnp.float32) + 1.0, 0.0, float(T))
+    s = jnp.clip(t.astype(la.dtype) + 1.0, 0.0, float(T))
     lo = jnp.clip(jnp.floor(s), 0.0, float(T - 1))
     frac = s - lo
     lo_i = lo.astype(jnp.int32)

@@ -111,6 +111,7 @@ def rps(key, model: ScoreModel, op, y, x_init, t0, *, sampler=DPSStep(), cond=No
     t0c = None if continuous else concrete_int(t0)
     if n_steps is not None:
         check_scalar(n_steps, "n_steps", where, lo=1, integer=True)
+    x_init = x_init.astype(jnp.result_type(x_init.dtype, y.dtype))  # one dtype through the loop (float64 runs)
     k_noise, k_loop = split_keys(image_keys(key, x_init.shape[0], where))
     if continuous:
         t0 = jnp.asarray(t0, jnp.float32)
