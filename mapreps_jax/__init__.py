@@ -43,3 +43,6 @@ from .networks import (ADMConfig, adm_score_model, init_adm_params, load_model, 
                        convert_adm_state_dict, load_state_dict)
 
 __version__ = "0.1.0"
+
+# The paper's settings for the pixel FFHQ ADM (mapreps_jax.presets).
+from .presets import Preset, PRESETS, get_preset, preset_help, load_preset_model, restore_with_preset  # noqa: E402

@@ -28,19 +28,33 @@ Tasks (:data:`TASKS`, built by :func:`make_operator`):
 ``inpaint_box``     ``y = m * x``, ``m = 0`` on a centred ``box x box`` square (default ``min(H, W) // 2``).
 ``inpaint_random``  ``y = m * x``, a fraction ``ratio`` (default 0.7) of the pixels removed (exactly
                     ``round(ratio * H * W)`` pixels, chosen by a seeded permutation; same mask for every channel).
+``inpaint_random_official``
+                    the paper's code's random mask: ``randperm(H W)[:H W // 2]`` indexes the channel-interleaved
+                    ``(H, W, C)`` vector directly (1/6 of all entries missing for ``C = 3``, all in the top rows).
 ``inpaint_mask``    ``y = m * x`` with a user 0/1 ``mask`` of shape ``(H, W)``, ``(H, W, 1)`` or ``(H, W, C)``.
 ``sr``              super-resolution by ``factor`` (2, 4 or 8): ``kind="avg"`` (block average) or ``"bicubic"``
                     (antialiased Keys cubic, ``a = -0.5``, PIL ``Image.resize(BICUBIC)`` semantics).
 ``gaussian_blur``   circular convolution with a ``kernel_size``-square Gaussian (61, std 3.0).
 ``aniso_blur``      circular convolution with a separable Gaussian, std ``(std_h, std_w) = (1, 20)``, size 61.
+``aniso_blur_svd``  the paper's code's anisotropic blur: separable 9-tap Gaussians (std 1 vertical, 20 horizontal),
+                    zero boundary, forward and pseudo-inverse through 1-D SVDs truncated below 0.03.
 ``motion_blur``     circular convolution with a seeded 61 x 61 random camera-shake kernel, ``intensity`` 0.5.
 ``cs``              compressed sensing: seeded pixel permutation, orthonormal Walsh-Hadamard transform, keep
-                    ``H * W / ratio`` seeded rows, per channel; ``y`` has shape ``(H * W / ratio, C)``.
-``hdr``             ``clip(2 x, -1, 1)`` (nonlinear).
+                    ``H * W / ratio`` seeded rows, per channel; ``y`` has shape ``(H * W / ratio, C)``;
+                    ``construction="official"``: a seeded subset of the Walsh-Hadamard coefficients (no pixel
+                    permutation), as the paper's code.
+``hdr``             ``clip(2 x, -1, 1)`` (nonlinear); ``pinv="identity"``: the paper's code's ``A^+ y = y``.
 ``phase_retrieval`` ``|FFT2|`` of the image zero-padded to ``(2H, 2W)`` (nonlinear).
 ``matrix``          vectors ``(d,)``: ``y = M x`` with a user ``matrix`` or a seeded Gaussian one with ``rows`` rows.
 ``mask``            vectors ``(d,)``: keeps ``keep`` seeded coordinates, ``y`` has shape ``(keep,)``.
 ==================  ==========================================================================================
+
+Official task definitions. The paper's pixel-space code builds its operators with the SVD classes of DDRM / DDNM
+(``svd_operators.py``), which differ from the clean definitions above in places. They are available beside them
+(the defaults do not change) and are what :mod:`mapreps_jax.presets` uses: ``inpaint_random_official``,
+``aniso_blur_svd``, ``cs`` with ``construction="official"``, ``hdr`` with ``pinv="identity"``; the official SR x4
+(block average, pixel replication as pseudo-inverse) is ``sr`` with ``kind="avg"``. Each is tested against a
+float64 NumPy transcription of the official construction (``tests/test_operators_official.py``).
 """
 
 from __future__ import annotations
@@ -66,6 +80,7 @@ __all__ = [
     "gaussian_kernel",
     "motion_kernel",
     "bicubic_matrix",
+    "official_blur_matrix",
     "DEFAULT_PINV_RCOND",
 ]
 
@@ -433,6 +448,11 @@ def _sep_fwd(data, x):
                       precision=_HIGHEST)
 
 
+def _sep_adjoint(data, y):
+    return jnp.einsum("ih,ijc,jw->hwc", data["Dh"].astype(y.dtype), y, data["Dw"].astype(y.dtype),
+                      precision=_HIGHEST)
+
+
 def _sep_pinv(data, y):
     return jnp.einsum("hi,ijc,wj->hwc", data["Ph"].astype(y.dtype), y, data["Pw"].astype(y.dtype),
                       precision=_HIGHEST)
@@ -585,6 +605,16 @@ def _cs_adjoint(data, y, *, in_shape):
     return fwht(z)[data["inv_perm"]].reshape(H, W, C)
 
 
+def _cs_coef_fwd(data, x):
+    H, W, C = x.shape
+    return fwht(x.reshape(H * W, C))[data["rows"]]
+
+
+def _cs_coef_adjoint(data, y, *, in_shape):
+    H, W, C = in_shape
+    return fwht(jnp.zeros((H * W, C), y.dtype).at[data["rows"]].set(y)).reshape(H, W, C)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Phase retrieval and dense matrices
 # ----------------------------------------------------------------------------------------------------------------
@@ -701,6 +731,14 @@ def _build_inpaint_random(in_shape, seed, ratio=0.7):
     return _mask_operator("inpaint_random", in_shape, m.reshape(H, W, 1))
 
 
+def _build_inpaint_random_official(in_shape, seed):
+    H, W, C = _image_shape("inpaint_random_official", in_shape)
+    n = H * W
+    flat = np.ones(n * C)  # the (H, W, C) image flattened row-major: channel-interleaved
+    flat[np.random.default_rng(seed).permutation(n)[:n // 2]] = 0
+    return _mask_operator("inpaint_random_official", in_shape, flat.reshape(H, W, C))
+
+
 def _build_inpaint_mask(in_shape, seed, mask=None):
     H, W, C = _image_shape("inpaint_mask", in_shape)
     if mask is None:
@@ -765,12 +803,61 @@ def _build_aniso_blur(in_shape, seed, kernel_size=61, std=(1.0, 20.0), pinv_rcon
     return _conv_operator("aniso_blur", in_shape, gaussian_kernel(kernel_size, std), pinv_rcond)
 
 
+def official_blur_matrix(n: int, kernel, drop_last_tap: bool = True) -> np.ndarray:
+    """The ``[n, n]`` 1-D zero-boundary convolution matrix of the paper's code (DDRM / DDNM ``Deblurring2D``).
+
+    ``kernel`` has odd length ``K`` (centre ``K // 2``). Row ``i`` holds ``kernel[j - i + K // 2]`` at the columns
+    ``j`` inside ``[0, n)``, for ``j`` from ``i - K // 2`` to ``i + K // 2`` (zero boundary: taps that fall outside
+    are dropped, not folded or reflected). ``drop_last_tap=True`` is the official loop
+    ``for j in range(i - K // 2, i + K // 2)``, whose exclusive upper bound leaves out the last tap
+    ``kernel[K - 1]`` (the kernel stays normalised over all ``K`` taps); ``False`` uses every tap (float64)."""
+    k = np.asarray(kernel, dtype=np.float64)
+    if k.ndim != 1 or k.size % 2 != 1:
+        raise ValueError(f"official_blur_matrix: kernel must be 1-D with an odd length, got shape {k.shape}")
+    h = k.size // 2
+    M = np.zeros((n, n))
+    for d in range(-h, h if drop_last_tap else h + 1):  # column offset j - i
+        M += k[d + h] * np.eye(n, k=d)
+    return M
+
+
+def _truncated_svd(M, cutoff):
+    """``(M_t, M_t^+)``: ``M = U diag(s) V^T`` with the singular values ``s < cutoff`` set to zero (float64)."""
+    U, s, Vt = np.linalg.svd(M)
+    st = np.where(s < cutoff, 0.0, s)
+    inv = np.where(st > 0, 1.0 / np.where(st > 0, st, 1.0), 0.0)
+    return (U * st) @ Vt, (Vt.T * inv) @ U.T
+
+
+def _build_aniso_blur_svd(in_shape, seed, kernel_size=9, std=(1.0, 20.0), sv_cutoff=0.03, drop_last_tap=True):
+    H, W, _ = _image_shape("aniso_blur_svd", in_shape)
+    kernel_size = int(kernel_size)
+    if kernel_size < 1 or kernel_size % 2 != 1:
+        raise ValueError(f"make_operator('aniso_blur_svd'): kernel_size must be a positive odd int, got "
+                         f"{kernel_size}")
+    s = np.broadcast_to(np.asarray(std, dtype=np.float64), (2,))
+    if not np.all(s > 0):
+        raise ValueError(f"make_operator('aniso_blur_svd'): std must be > 0, got {std!r}")
+    sv_cutoff = float(sv_cutoff)
+    if not sv_cutoff >= 0:
+        raise ValueError(f"make_operator('aniso_blur_svd'): sv_cutoff must be >= 0, got {sv_cutoff}")
+    u = np.arange(kernel_size) - kernel_size // 2
+    data = {}
+    for axis, n, sd in (("h", H, s[0]), ("w", W, s[1])):
+        taps = np.exp(-0.5 * (u / sd) ** 2)
+        D, P = _truncated_svd(official_blur_matrix(n, taps / taps.sum(), bool(drop_last_tap)), sv_cutoff)
+        data["D" + axis], data["P" + axis] = _farr(D), _farr(P)
+    return _linear("aniso_blur_svd", in_shape, in_shape, data, _fn(_sep_fwd), _fn(_sep_adjoint), _fn(_sep_pinv))
+
+
 def _build_motion_blur(in_shape, seed, kernel_size=61, intensity=0.5, pinv_rcond=DEFAULT_PINV_RCOND):
     return _conv_operator("motion_blur", in_shape, motion_kernel(seed, kernel_size, intensity), pinv_rcond)
 
 
-def _build_cs(in_shape, seed, ratio=2):
+def _build_cs(in_shape, seed, ratio=2, construction="permuted"):
     H, W, C = _image_shape("cs", in_shape)
+    if construction not in ("permuted", "official"):
+        raise ValueError(f"make_operator('cs'): construction must be 'permuted' or 'official', got {construction!r}")
     n = H * W
     if n & (n - 1):
         raise ValueError(f"make_operator('cs'): H * W must be a power of 2 for the Walsh-Hadamard transform, got "
@@ -780,6 +867,9 @@ def _build_cs(in_shape, seed, ratio=2):
                          f"uses 2 and 4), got {ratio!r}")
     m = n // int(ratio)
     rng = np.random.default_rng(seed)
+    if construction == "official":
+        adj = _fn(_cs_coef_adjoint, in_shape=in_shape)
+        return _linear("cs", in_shape, (m, C), {"rows": _iarr(rng.permutation(n)[:m])}, _fn(_cs_coef_fwd), adj, adj)
     perm = rng.permutation(n)
     rows = np.sort(rng.permutation(n)[:m])
     data = {"perm": _iarr(perm), "inv_perm": _iarr(np.argsort(perm)), "rows": _iarr(rows)}
@@ -787,8 +877,11 @@ def _build_cs(in_shape, seed, ratio=2):
     return _linear("cs", in_shape, (m, C), data, _fn(_cs_fwd), adj, adj)
 
 
-def _build_hdr(in_shape, seed):
-    fn = _fn(_half)
+def _build_hdr(in_shape, seed, pinv="half"):
+    if pinv not in ("half", "identity"):
+        raise ValueError(f"make_operator('hdr'): pinv must be 'half' (y / 2) or 'identity' (y, the paper's code), "
+                         f"got {pinv!r}")
+    fn = _fn(_half) if pinv == "half" else _fn(_identity)
     return Operator(data={}, name="hdr", in_shape=in_shape, out_shape=in_shape, linear=False,
                     forward_fn=_fn(_hdr_fwd), adjoint_fn=None, pinv_fn=fn, init_fn=fn)
 
@@ -836,10 +929,12 @@ _BUILDERS = {
     "denoise": _build_denoise,
     "inpaint_box": _build_inpaint_box,
     "inpaint_random": _build_inpaint_random,
+    "inpaint_random_official": _build_inpaint_random_official,
     "inpaint_mask": _build_inpaint_mask,
     "sr": _build_sr,
     "gaussian_blur": _build_gaussian_blur,
     "aniso_blur": _build_aniso_blur,
+    "aniso_blur_svd": _build_aniso_blur_svd,
     "motion_blur": _build_motion_blur,
     "cs": _build_cs,
     "hdr": _build_hdr,
@@ -855,17 +950,24 @@ TASKS = tuple(_BUILDERS)
 def make_operator(task: str, in_shape: tuple, *, seed: int = 0, **kwargs) -> Operator:
     """Build the forward operator of ``task`` for single-image (or vector) event shape ``in_shape``.
 
-    Fixed data are drawn once from ``numpy.random.default_rng(seed)`` (tasks ``inpaint_random``, ``motion_blur``,
-    ``cs``, ``matrix`` with ``rows``, ``mask``; the other tasks ignore ``seed``). Keywords per task:
+    Fixed data are drawn once from ``numpy.random.default_rng(seed)`` (tasks ``inpaint_random``,
+    ``inpaint_random_official``, ``motion_blur``, ``cs``, ``matrix`` with ``rows``, ``mask``; the other tasks ignore
+    ``seed``). Keywords per task:
 
     * ``denoise``: none. ``A = I``.
     * ``inpaint_box``: ``box`` (int side or ``(h, w)``, default ``min(H, W) // 2``), centred at
       ``((H - h) // 2, (W - w) // 2)``. ``A = A^T = A^+ = diag(m)``.
     * ``inpaint_random``: ``ratio`` = fraction of pixels removed (default 0.7); exactly ``round(ratio H W)``
       pixels, shared by all channels.
+    * ``inpaint_random_official`` (no keywords): the paper's code's random mask. Its
+      ``randperm(H W)[:H W // 2]`` (here ``default_rng(seed).permutation(H W)[:H W // 2]``) indexes the image
+      flattened channel-interleaved (the ``(H, W, C)`` array in row-major order, length ``H W C``) directly, so
+      ``H W // 2`` of the ``H W C`` entries are missing (1/6 for ``C = 3``), all at flat indices below ``H W``, i.e.
+      in the top ``ceil(H / C)`` rows, each channel drawn independently. ``A = A^T = A^+ = diag(m)``.
     * ``inpaint_mask``: ``mask`` (0/1, ``(H, W)``, ``(H, W, 1)`` or ``(H, W, C)``; 1 = observed).
-    * ``sr``: ``factor`` in {2, 4, 8} (default 4), ``kind`` ``"avg"`` or ``"bicubic"`` (default). ``avg``:
-      ``A x = mean over factor x factor blocks``, ``A^T y = replicate(y) / factor^2``, ``A^+ y = replicate(y)``.
+    * ``sr``: ``factor`` in {2, 4, 8} (default 4), ``kind`` ``"avg"`` or ``"bicubic"`` (default). ``avg``
+      (the paper's code's SR, DDRM / DDNM ``SuperResolution``): ``A x = mean over factor x factor blocks``,
+      ``A^T y = replicate(y) / factor^2``, ``A^+ y = replicate(y)``.
       ``bicubic``: ``A x = D_h x D_w^T`` per channel with :func:`bicubic_matrix` (antialiased Keys cubic,
       ``a = -0.5``, PIL ``BICUBIC`` resize semantics, border weights renormalised); adjoint by
       ``jax.linear_transpose``; ``pinv_method="svd"`` (default): the exact Moore-Penrose inverse
@@ -883,12 +985,23 @@ def make_operator(task: str, in_shape: tuple, *, seed: int = 0, **kwargs) -> Ope
       ``numpy.linalg.pinv(matrix, rcond=pinv_rcond)`` since the singular values of a circulant are ``|K|``.
       Hence ``A^+ A A^+ = A^+`` exactly and ``|A A^+ A x - A x| <= pinv_rcond * max|K| * |x|`` (equality up to
       float precision only for ``pinv_rcond`` below the float resolution). ``data["kernel"]`` holds the kernel.
+    * ``aniso_blur_svd``: the paper's code's anisotropic blur (DDRM / DDNM ``Deblurring2D``): ``kernel_size`` (9),
+      ``std`` (``(1.0, 20.0)`` = (vertical, horizontal)), ``sv_cutoff`` (0.03), ``drop_last_tap`` (True). Taps
+      ``exp(-u^2 / (2 std^2))``, ``u = -K//2 .. K//2``, normalised to sum 1; the 1-D zero-boundary matrices
+      ``B_h`` (``H x H``) and ``B_w`` (``W x W``) of :func:`official_blur_matrix` (``drop_last_tap=True``: as the
+      official loop, the last tap is left out); their SVDs with the singular values below ``sv_cutoff`` set to zero
+      give ``D_h``, ``D_w``; ``A x = D_h x D_w^T`` per channel (this truncated operator is the forward map, as in
+      the official code), ``A^T y = D_h^T y D_w``, ``A^+ y = D_h^+ y (D_w^+)^T`` (the exact Moore-Penrose inverse
+      of ``A``: the singular values of the 2-D operator are the products of the 1-D ones).
     * ``cs``: ``ratio`` (2; the paper uses 2 and 4), ``H * W`` a power of 2. ``A x = S fwht(P x)`` per channel with
       a seeded permutation ``P`` of the ``H W`` pixels and ``S`` keeping ``H W / ratio`` seeded rows (sorted),
       the same ``P`` and ``S`` for every channel; ``y`` has shape ``(H W / ratio, C)``. ``A A^T = I``, so
-      ``A^+ = A^T``.
-    * ``hdr``: ``A x = clip(2 x, -1, 1)`` (nonlinear). ``pinv`` and ``x_init``: ``y / 2`` (a right inverse:
-      ``A(y / 2) = y`` for ``y`` in [-1, 1]).
+      ``A^+ = A^T``. ``construction="official"`` (the paper's code, DDRM / DDNM ``WalshHadamardCS``): no pixel
+      permutation, ``y[k, c] = fwht(x_c)[perm[k]]`` for ``k < H W / ratio`` with ``perm`` a seeded permutation of
+      the ``H W`` coefficients (kept in ``perm`` order), ``x_c`` channel ``c`` flattened row-major.
+    * ``hdr``: ``A x = clip(2 x, -1, 1)`` (nonlinear). ``pinv`` and ``x_init``: ``pinv="half"`` (default)
+      ``y / 2`` (a right inverse: ``A(y / 2) = y`` for ``y`` in [-1, 1]); ``pinv="identity"``: ``y`` (the paper's
+      code; not a right inverse).
     * ``phase_retrieval``: ``norm`` (``"ortho"`` default: Parseval, ``|y| = |x|``; or ``"backward"`` =
       ``np.fft.fft2``), ``unit_range`` (False; True maps ``x -> (x + 1) / 2`` first, as DPS/DAPS do).
       ``A x = |fft2(pad(x))|`` per channel, the image zero-padded to ``(2H, 2W)`` and placed at offset

@@ -1,7 +1,9 @@
 """Equivalence of the Flax ADM UNet with the PyTorch reference (deepinv's ``DiffUNet``, a re-implementation of
 guided-diffusion's UNet with the same state-dict keys).
 
-Optional: needs ``torch`` (CPU wheel) and ``deepinv`` (see ``tests/torchvision_shim.py``); skipped otherwise.
+Optional: needs ``torch`` (CPU wheel) and ``deepinv`` (see ``tests/torchvision_shim.py``); skipped otherwise,
+except with ``MAPREPS_REQUIRE_TORCHREF=1`` (set by ``.ci/run``): then a missing reference is a collection error, so
+CI cannot pass with these tests skipped.
 
 Every reference parameter is randomised (the reference zero-initialises its output convolutions, which would make
 the comparison vacuous); its state dict is written with ``torch.save`` and read back with the torch-free reader
@@ -22,7 +24,13 @@ from torchvision_shim import import_deepinv
 
 pytestmark = pytest.mark.torchref
 
-torch, deepinv = import_deepinv()
+try:
+    torch, deepinv = import_deepinv()
+except pytest.skip.Exception as _skip:
+    if os.environ.get("MAPREPS_REQUIRE_TORCHREF", "0") not in ("", "0"):
+        raise ImportError(f"MAPREPS_REQUIRE_TORCHREF is set but the PyTorch reference is not importable "
+                          f"({_skip.msg}); install it with `bash .ci/install_torchref.sh`") from None
+    raise
 from deepinv.models import diffunet as dref  # noqa: E402
 
 import jax  # noqa: E402

@@ -30,6 +30,8 @@ LINEAR = [
     ("inpaint_box", (8, 8, 3), {"box": 3}),
     ("inpaint_random", (16, 16, 1), {}),
     ("inpaint_random", (8, 8, 3), {"ratio": 0.5}),
+    ("inpaint_random_official", (12, 8, 3), {}),
+    ("inpaint_random_official", (8, 8, 1), {}),
     ("inpaint_mask", (8, 8, 3), {"mask": USER_MASK}),
     ("inpaint_mask", (8, 8, 3), {"mask": USER_MASK[..., 0]}),
     ("sr", (16, 16, 1), {"factor": 2, "kind": "avg"}),
@@ -41,16 +43,21 @@ LINEAR = [
     ("gaussian_blur", (16, 16, 1), {}),
     ("gaussian_blur", (8, 8, 3), {"kernel_size": 5, "std": 1.0}),
     ("aniso_blur", (16, 16, 1), {}),
+    ("aniso_blur_svd", (16, 16, 1), {}),
+    ("aniso_blur_svd", (8, 12, 3), {"drop_last_tap": False}),
     ("motion_blur", (16, 16, 1), {}),
     ("motion_blur", (8, 8, 3), {"kernel_size": 9}),
     ("cs", (16, 16, 1), {"ratio": 2}),
     ("cs", (8, 8, 3), {"ratio": 4}),
+    ("cs", (16, 16, 1), {"ratio": 2, "construction": "official"}),
+    ("cs", (8, 8, 3), {"ratio": 4, "construction": "official"}),
     ("matrix", (10,), {"rows": 6}),
     ("matrix", (6,), {"matrix": USER_MATRIX}),
     ("mask", (10,), {"keep": 4}),
 ]
 NONLINEAR = [
     ("hdr", (8, 8, 3), {}),
+    ("hdr", (8, 8, 3), {"pinv": "identity"}),
     ("phase_retrieval", (8, 8, 1), {}),
     ("phase_retrieval", (4, 6, 2), {"norm": "backward", "unit_range": True}),
 ]
@@ -58,7 +65,8 @@ ALL = LINEAR + NONLINEAR
 
 
 def _seeded(task, kw):
-    return task in ("inpaint_random", "motion_blur", "cs", "mask") or (task == "matrix" and "rows" in kw)
+    return (task in ("inpaint_random", "inpaint_random_official", "motion_blur", "cs", "mask")
+            or (task == "matrix" and "rows" in kw))
 
 
 def _id(cfg):
@@ -254,7 +262,10 @@ def test_vmap_over_operators():
     np.testing.assert_array_equal(got, jnp.stack([o.A(x) for o, x in zip(ops, xs)]))
 
 
-@pytest.mark.parametrize("cfg", NONLINEAR + [LINEAR[10]], ids=_id)
+SR_BICUBIC = next(c for c in LINEAR if c[0] == "sr" and c[2].get("kind") == "bicubic")
+
+
+@pytest.mark.parametrize("cfg", NONLINEAR + [SR_BICUBIC], ids=_id)
 def test_vjp_matches_finite_differences(cfg, x64):
     task, shape, kw = cfg
     op = make_operator(task, shape, **kw)
