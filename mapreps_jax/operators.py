@@ -250,7 +250,9 @@ class Operator:
         an array broadcastable against ``A(x)``). Deterministic in ``key``: one key or ``[B]`` keys, image ``i``'s
         noise drawn from ``image_keys(key, B)[i]`` alone (:mod:`mapreps_jax.rng`)."""
         from .rng import image_keys, normal_like
+        from .validation import check_scalar
 
+        check_scalar(sigma_y, "sigma_y (measurement noise std, [-1, 1] units)", "measure", lo=0.0)
         y = self.A(x)
         n = normal_like(image_keys(key, y.shape[0], "measure"), y)
         if self.valid_fn is not None:  # padded entries (see stack_operators) stay exactly zero

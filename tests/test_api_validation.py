@@ -131,3 +131,10 @@ def test_float64_runs_stay_float64(problem):
             assert out.dtype == jnp.float64, (name, out.dtype)
     finally:
         jax.config.update("jax_enable_x64", prev)
+
+
+@pytest.mark.parametrize("sigma_y", [float("nan"), -0.2, np.array([0.1, -0.1, 0.1])])
+def test_measure_refuses_bad_noise_levels(problem, sigma_y):
+    model, op, x, y = problem
+    with pytest.raises(ValueError, match=r"measure: sigma_y \(measurement noise std"):
+        op.measure(KEY, x, sigma_y if np.ndim(sigma_y) == 0 else sigma_y[:, None])
