@@ -6,17 +6,27 @@
 ``mapreps testbed-demo`` a D-P sweep on an exact prior, plotted with the ideal (closed-form) curve.
 ``mapreps restore ...``  restores a 32x32 grayscale image with the bundled digits prior (one PNG per t0).
 ``mapreps convert adm``  converts a public guided-diffusion checkpoint to Flax (:mod:`mapreps_jax.networks.convert`).
+
+Errors: bad input, a missing or damaged checkpoint, an unwritable output (OSError) or a file that would exhaust
+memory or recursion print one line ``mapreps <command>: error: ...`` on stderr and exit with status 2 (1 for
+resource failures: out of memory, disk full); ``mapreps --debug ...`` or ``MAPREPS_DEBUG=1`` also prints the
+traceback. Anything else is a bug and keeps its traceback. Everything that can be checked before computing
+(options, output folder, checkpoint) is. Output folders (``demo``, ``testbed-demo``, ``restore``) are written as a
+unit into a new or empty folder; ``--overwrite`` replaces a previous output of the same command, never other files.
+JSON outputs never hold a bare ``NaN`` (a diverged run is an error).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import pickle
 import sys
 from typing import List, Optional
 
 from .pretrained import write_bytes_atomic as atomic_write_bytes, write_text_atomic as atomic_write_text
+
+_DEBUG_ENV = "MAPREPS_DEBUG"
 
 __all__ = ["main", "atomic_write_bytes", "atomic_write_text"]
 
@@ -42,7 +52,7 @@ def _w_value(s: str):
 
 
 def _add_testbed_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
-    from .testbed import ALGOS, OPERATORS, PRIORS, TestbedConfig
+    from .testbed import ALGOS, OPERATORS, PRIORS, STAGE2, TestbedConfig
 
     c = TestbedConfig()
     p.add_argument("--prior", choices=PRIORS, default="gaussian",
@@ -66,6 +76,8 @@ def _add_testbed_options(p: argparse.ArgumentParser, demo: bool = False) -> None
     p.add_argument("--lr-min", type=float, default=c.lr_min, help="Stage-1 final learning rate")
     p.add_argument("--t1", type=float, default=c.t1, help="Stage-1 diffusion time")
     p.add_argument("--zeta", type=float, default=c.zeta, help="DPS step size (Stage 2 of map-rps, ccdf, dps)")
+    p.add_argument("--stage2", choices=STAGE2, default=c.stage2,
+                   help="Stage-2 sampler of map-rps and ccdf: dps (step --zeta), pigdm or dmps (exact guidance scale 1)")
 
 
 def _config_from_args(args, algo: Optional[str] = None):
@@ -75,7 +87,7 @@ def _config_from_args(args, algo: Optional[str] = None):
                          operator=args.operator, keep=args.keep, rows=args.rows, sigma_y=args.sigma_y,
                          algo=algo or args.algo, t0=tuple(args.t0), n_measurements=args.n_measurements,
                          seed=args.seed, w=args.w, n_iter=args.n_iter, lr=args.lr, lr_min=args.lr_min,
-                         t1=args.t1, zeta=args.zeta)
+                         t1=args.t1, zeta=args.zeta, stage2=args.stage2)
 
 
 def _progress_bar(total: int, desc: str, enabled: bool = True):
@@ -91,16 +103,25 @@ def _progress_bar(total: int, desc: str, enabled: bool = True):
     return bar, update
 
 
+def _dumps(obj, what: str) -> str:
+    from .demo import dumps_json
+
+    return dumps_json(obj, what)
+
+
 def cmd_testbed(args) -> int:
+    from .pretrained import check_output_file
     from .testbed import run_testbed
 
-    cfg = _config_from_args(args)
+    cfg = _config_from_args(args).validate()
+    if args.out:
+        check_output_file(args.out)
     bar, upd = _progress_bar(len(cfg.t0), f"testbed {cfg.algo}", enabled=not args.quiet)
     try:
         result = run_testbed(cfg, progress=upd)
     finally:
         bar.close()
-    text = json.dumps(result, indent=2)
+    text = _dumps(result, "testbed result")
     if args.out:
         atomic_write_text(args.out, text + "\n")
     print(text)
@@ -112,8 +133,8 @@ def cmd_demo(args) -> int:
     import dataclasses
     import time
 
-    from .demo import FD_MIN_IMAGES, QUICK, DemoConfig, nfe_budget, run_demo, write_demo
-    from .pretrained import load_default_prior
+    from .demo import FD_MIN_IMAGES, QUICK, DemoConfig, is_demo_file, nfe_budget, run_demo, write_demo
+    from .pretrained import check_output_dir, load_default_prior, load_default_prior_config
 
     base = QUICK if args.quick else DemoConfig()
     over = {k: v for k, v in (("tasks", args.tasks), ("t0", args.t0), ("n_images", args.n_images),
@@ -121,6 +142,9 @@ def cmd_demo(args) -> int:
                               ("red_diff_steps", args.red_diff_steps)) if v is not None}
     cfg = dataclasses.replace(base, **over)
     t_start = time.perf_counter()
+    # everything that can fail without computing, before computing: options, output folder, checkpoint
+    cfg = cfg.validate(int(load_default_prior_config().get("T", 1000)))
+    check_output_dir(args.out, overwrite=args.overwrite, is_ours=is_demo_file)
     model = load_default_prior()
     cfg = cfg.validate(model.T)
     total = nfe_budget(cfg)["total"]
@@ -134,7 +158,7 @@ def cmd_demo(args) -> int:
         result = run_demo(model, cfg, progress=progress)
     finally:
         bar.close()
-    files = write_demo(result, args.out)
+    files = write_demo(result, args.out, overwrite=args.overwrite)
     m = result["metrics"]
     lines = [f"{'task':8s} {'method':10s} {'RMSE':>7s} {'digit-FD':>9s}"]
     for name, r in m["tasks"].items():
@@ -158,14 +182,20 @@ def _comma_list(s: str) -> List[str]:
     return vals
 
 
+def _is_testbed_demo_file(name: str) -> bool:
+    return name in ("dp_curve.png", "metrics.json")
+
+
 def cmd_testbed_demo(args) -> int:
     """Exact-prior D-P demo: MAP-RPS and oracle MAP-RPS over a t0 sweep, with the ideal curve."""
     from .demo import figure_png
-
+    from .pretrained import check_output_dir, write_output_set
     from .testbed import run_testbed
 
-    os.makedirs(args.out, exist_ok=True)
     algos = ["map-rps", "oracle-rps"]
+    for algo in algos:
+        _config_from_args(args, algo).validate()
+    check_output_dir(args.out, overwrite=args.overwrite, is_ours=_is_testbed_demo_file)
     results = {}
     bar, _ = _progress_bar(len(algos) * len(args.t0), "demo D-P sweep", enabled=not args.quiet)
     try:
@@ -205,25 +235,30 @@ def cmd_testbed_demo(args) -> int:
     ax.set_title(f"{args.prior} prior, d={args.dim}, {args.operator}, sigma_y={args.sigma_y}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write_bytes(os.path.join(args.out, "dp_curve.png"), figure_png(fig))
-    atomic_write_text(os.path.join(args.out, "metrics.json"), json.dumps(results, indent=2) + "\n")
-    print(json.dumps({a: [{k: p[k] for k in ("t0", "D", "P", "D_ideal")} for p in r["points"]]
-                      for a, r in results.items()}, indent=1))
+    files = {"metrics.json": (_dumps(results, "testbed-demo metrics") + "\n").encode("utf-8"),
+             "dp_curve.png": figure_png(fig)}
+    write_output_set(args.out, files, overwrite=args.overwrite, is_ours=_is_testbed_demo_file)
+    print(_dumps({a: [{k: p[k] for k in ("t0", "D", "P", "D_ideal")} for p in r["points"]]
+                  for a, r in results.items()}, "testbed-demo summary"))
     print(f"wrote {os.path.join(args.out, 'dp_curve.png')} and {os.path.join(args.out, 'metrics.json')}")
     return 0
 
 
 def cmd_restore(args) -> int:
     """Restore one 32x32 grayscale image with the bundled digits prior; one PNG per t0 (all or nothing)."""
-    from .digits import restore_files
-    from .pretrained import load_default_prior
+    import json
 
+    from .digits import check_restore_args, is_restore_file, restore_files
+    from .pretrained import check_output_dir, load_default_prior, load_default_prior_config, write_output_set
+
+    # everything that can fail without computing, before computing: options, output folder, checkpoint
+    check_restore_args(args.task, args.t0, mask_path=args.mask, observed=args.observed, sigma_y=args.sigma_y,
+                       stage2_steps=args.steps, T=int(load_default_prior_config().get("T", 1000)))
+    check_output_dir(args.out, overwrite=args.overwrite, is_ours=is_restore_file)
     model = load_default_prior()
     files = restore_files(model, args.task, args.input, args.t0, mask_path=args.mask, observed=args.observed,
                           seed=args.seed, sigma_y=args.sigma_y, stage2_steps=args.steps)
-    os.makedirs(args.out, exist_ok=True)
-    for name, data in files.items():
-        atomic_write_bytes(os.path.join(args.out, name), data)
+    write_output_set(args.out, files, overwrite=args.overwrite, is_ours=is_restore_file)
     print(json.dumps({"out": args.out, "files": sorted(files)}))
     return 0
 
@@ -237,6 +272,8 @@ def cmd_convert(argv: List[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mapreps", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help=f"print the traceback of an error too (or set {_DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("testbed", help="run an algorithm on an exact prior; print JSON")
     _add_testbed_options(p)
@@ -255,11 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--red-diff-steps", type=int, default=None, help="RED-diff steps (default 100)")
     p.add_argument("--quick", action="store_true", help="smaller defaults (12 digits, t0 0,200,400, K 10, N 40, "
                                                         "RED-diff 10 steps): under a minute on 2 CPU cores")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous demo output in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("testbed-demo", help="D-P sweep on an exact prior with the ideal curve (plot and JSON)")
     _add_testbed_options(p, demo=True)
     p.add_argument("--out", default="mapreps_testbed_demo", help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous testbed-demo output in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_testbed_demo)
     p = sub.add_parser("restore", help="restore a 32x32 grayscale image with the bundled digits prior")
@@ -272,23 +311,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma-y", type=float, default=None, help="measurement noise std (default: the task preset)")
     p.add_argument("--steps", type=int, default=40, help="Stage-2 sub-grid steps K")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous restore output in --out")
     p.set_defaults(func=cmd_restore)
     sub.add_parser("convert", help="convert a public PyTorch checkpoint (mapreps convert adm --help)", add_help=False)
     return parser
 
 
+_INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                 PermissionError, pickle.UnpicklingError)
+_RESOURCE_ERRORS = (OSError, MemoryError, RecursionError)
+
+
+def _error_line(e: BaseException) -> str:
+    msg = str(e).strip()
+    if isinstance(e, MemoryError):
+        return f"out of memory (MemoryError{': ' + msg if msg else ''})"
+    if isinstance(e, RecursionError):
+        return f"input nested too deeply to process (RecursionError: {msg})"
+    if isinstance(e, TypeError) or not msg:
+        return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    return msg
+
+
+def _run(prog: str, fn, debug: bool) -> int:
+    """Run ``fn()``; an input or resource error becomes one ``prog: error: ...`` line on stderr (and the traceback
+    with ``debug``) and exit status 2 (input) or 1 (resources). Other exceptions propagate (bugs stay visible)."""
+    try:
+        return fn()
+    except _INPUT_ERRORS + _RESOURCE_ERRORS as e:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        hint = ""
+        if not debug and not isinstance(e, (ValueError, OSError)):  # possibly a bug: say how to see where
+            hint = f" (run with --debug or {_DEBUG_ENV}=1 for the traceback)"
+        print(f"{prog}: error: {_error_line(e)}{hint}", file=sys.stderr)
+        return 2 if isinstance(e, _INPUT_ERRORS) else 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get(_DEBUG_ENV, "").strip() not in ("", "0")
+    while argv and argv[0] == "--debug":
+        debug = True
+        argv = argv[1:]
     if argv and argv[0] == "convert":
-        return cmd_convert(argv[1:])
+        return _run("mapreps convert", lambda: cmd_convert(argv[1:]), debug)
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except ValueError as e:
-        print(f"mapreps {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return _run(f"mapreps {args.command}", lambda: args.func(args), debug or args.debug)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,7 +17,9 @@ small sets: ``digit_fd_clean`` reports the value of the clean images themselves 
 NFE per image: MAP-RPS sweep ``N + sum_t0 min(K, t0)``, DPS ``K``, RED-diff ``S``.
 
 Outputs (:func:`write_demo`): ``dp_curve.png`` (RMSE against digit-FD, one line per method, ``t0`` labelled),
-``grid.png`` (truth, measurement, MAP, each ``t0``, DPS, RED-diff), ``metrics.json``; written atomically.
+``grid.png`` (truth, measurement, MAP, each ``t0``, DPS, RED-diff), ``metrics.json``; written as a unit (a
+temporary folder beside ``out_dir``, renamed into place: never a mix of two runs), into a new or empty folder, or
+with ``overwrite`` over a previous demo output (:func:`mapreps_jax.pretrained.write_output_set`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
 import time
 from typing import Callable, Optional, Sequence
 
@@ -38,9 +39,28 @@ from .digits import DEMO_TASKS, dps_zeta, make_task, map_config
 from .map_rps import dp_sweep, rps_jit
 from .metrics import rmse
 from .operators import stack_operators
+from .rng import image_keys
 from .samplers import DPSStep
 
-__all__ = ["DemoConfig", "QUICK", "FD_MIN_IMAGES", "run_demo", "write_demo", "demo_figures", "figure_png", "nfe_budget"]
+__all__ = ["DemoConfig", "QUICK", "FD_MIN_IMAGES", "DEMO_FILES", "run_demo", "write_demo", "demo_figures",
+           "dp_curve_figure", "figure_png", "nfe_budget", "is_demo_file", "dumps_json"]
+
+DEMO_FILES = ("dp_curve.png", "grid.png", "metrics.json")
+
+
+def is_demo_file(name: str) -> bool:
+    """Whether ``name`` is one of the files :func:`write_demo` writes (what ``--overwrite`` may replace)."""
+    return name in DEMO_FILES
+
+
+def dumps_json(obj, what: str = "result") -> str:
+    """``json.dumps(obj, indent=2, allow_nan=False)``: a NaN or infinity (a diverged run) is a ``ValueError`` saying
+    so, never a bare ``NaN`` in a file that JSON readers reject."""
+    try:
+        return json.dumps(obj, indent=2, allow_nan=False)
+    except ValueError as e:
+        raise ValueError(f"{what} holds NaN or infinite numbers (a run diverged; check the hyper-parameters): "
+                         f"{e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +76,8 @@ class DemoConfig:
     red_diff_steps: int = 100   # S
 
     def validate(self, T: int = 1000) -> "DemoConfig":
+        if isinstance(self.tasks, str):
+            raise ValueError(f"demo: tasks must be a sequence of task names, got the string {self.tasks!r}")
         tasks = tuple(self.tasks)
         if not tasks:
             raise ValueError("demo: expected at least one task")
@@ -64,12 +86,22 @@ class DemoConfig:
                 raise ValueError(f"demo: unknown task {t!r}; expected one of {list(DEMO_TASKS)}")
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"demo: tasks must be distinct, got {list(tasks)}")
+        for t in self.t0:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                raise ValueError(f"demo: t0 must be integers in [0, {T}], got {list(self.t0)}")
         t0 = tuple(sorted({0} | {int(t) for t in self.t0}))  # t0 = 0 (the MAP estimate) is always shown
         if not t0 or t0[0] < 0 or t0[-1] > T:
             raise ValueError(f"demo: every t0 must be in [0, {T}], got {list(self.t0)}")
+        for name in ("n_images", "n_iter", "stage2_steps", "red_diff_steps", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise ValueError(f"demo: {name} must be an integer, got {v!r}")
         for name in ("n_images", "n_iter", "stage2_steps", "red_diff_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"demo: {name} must be >= 1, got {getattr(self, name)}")
+        if self.n_images < 2:  # digit-FD fits a covariance to the outputs
+            raise ValueError(f"demo: n_images must be at least 2 (digit-FD needs 2 images per task), "
+                             f"got {self.n_images}")
         if self.n_images > 500:
             raise ValueError(f"demo: n_images must be at most 500 (the held-out set), got {self.n_images}")
         return dataclasses.replace(self, tasks=tasks, t0=t0)
@@ -148,8 +180,9 @@ def run_demo(model, cfg: DemoConfig = DemoConfig(), progress: Optional[Callable[
     timings = dict(sweep.seconds)
     outs = jnp.clip(sweep.outputs, -1.0, 1.0)
     t = time.perf_counter()
-    # The same arguments as dp_sweep's Stage-2 calls (cond=None included): the compiled program is reused.
-    x_dps = jnp.clip(rps_jit(k_dps, model, op, y, jnp.zeros_like(x_all), jnp.int32(model.T), sampler=sampler,
+    # The same arguments as dp_sweep's Stage-2 calls (cond=None included; one key per image, as dp_sweep passes
+    # them): the compiled program is reused.
+    x_dps = jnp.clip(rps_jit(image_keys(k_dps, y.shape[0]), model, op, y, jnp.zeros_like(x_all), jnp.int32(model.T), sampler=sampler,
                              cond=None, n_steps=cfg.stage2_steps), -1.0, 1.0).block_until_ready()
     timings["dps"] = time.perf_counter() - t
     tick(cfg.stage2_steps, "DPS")
@@ -195,14 +228,57 @@ _METHOD_STYLE = {"MAP-RPS": dict(marker="o", color="C0"), "DPS": dict(marker="s"
                  "RED-diff": dict(marker="^", color="C2")}
 
 
-def demo_figures(result: dict, n_show: int = 4) -> dict:
-    """``{"dp_curve.png": bytes, "grid.png": bytes}`` from :func:`run_demo`'s result."""
+def _nice_log_ticks(lo: float, hi: float, max_ticks: int = 6) -> list:
+    """A few readable tick values in ``[lo, hi]`` for a log axis: the coarsest of the mantissa sets (1, 2, 5) and
+    (1, 1.5, 2, 3, 5, 7) giving at least 3 ticks (decades, thinned, when even (1, 2, 5) gives more than
+    ``max_ticks``); evenly spaced round numbers for a narrow range."""
+    import math
+
+    if not (lo > 0 and hi > lo and math.isfinite(lo) and math.isfinite(hi)):
+        return []
+    k0, k1 = math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1
+
+    def ticks(mants):
+        return sorted({round(m * 10.0 ** k, 12) for k in range(k0, k1 + 1) for m in mants
+                       if lo <= m * 10.0 ** k <= hi})
+
+    coarse = ticks((1, 2, 5))
+    if len(coarse) > max_ticks:
+        dec = ticks((1,))
+        step = max(1, math.ceil(len(dec) / max_ticks))
+        return dec[::step] if len(dec) >= 2 else coarse[:: math.ceil(len(coarse) / max_ticks)]
+    for mants in ((1, 2, 5), (1, 1.5, 2, 3, 5, 7)):
+        t = ticks(mants)
+        if len(t) >= 3:
+            return t if len(t) <= max_ticks else t[:: math.ceil(len(t) / max_ticks)]
+    from matplotlib.ticker import MaxNLocator  # under about a factor 3: evenly spaced round numbers
+
+    return [float(v) for v in MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi) if lo <= v <= hi]
+
+
+def _readable_log_xaxis(ax) -> None:
+    """Plain-number major ticks (``30``, ``50``, ``100``) on a log x axis and no minor tick labels: matplotlib's
+    default labels every minor tick as ``3 x 10^1`` when the axis spans less than a decade or two, and they
+    overlap."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    lo, hi = ax.get_xlim()
+    ticks = _nice_log_ticks(min(lo, hi), max(lo, hi))
+    if ticks:
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlim(lo, hi)
+
+
+def dp_curve_figure(metrics: dict):
+    """The ``dp_curve.png`` figure (one panel per task: RMSE against digit-FD) from ``metrics.json`` contents."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    m = result["metrics"]
+    m = metrics
     names = list(m["tasks"])
     ncol = min(len(names), 2)
     nrow = (len(names) + ncol - 1) // ncol
@@ -219,6 +295,7 @@ def demo_figures(result: dict, n_show: int = 4) -> dict:
             ax.plot([r[key_]["digit_fd"]], [r[key_]["rmse"]], linestyle="none", label=label, **_METHOD_STYLE[label])
         ax.axvline(m["digit_fd_clean"], color="gray", lw=0.8, ls=":", label="clean digits (same n)")
         ax.set_xscale("log")
+        _readable_log_xaxis(ax)
         ax.set_title(f"{name}: {r['description']}, sigma_y={r['sigma_y']}", fontsize=9)
         ax.set_xlabel("digit-FD to held-out digits (perception, lower is better)")
         ax.set_ylabel("RMSE on [0, 1] (distortion)")
@@ -231,7 +308,19 @@ def demo_figures(result: dict, n_show: int = 4) -> dict:
         title += f"\n(digit-FD of fewer than {FD_MIN_IMAGES} images is dominated by small-sample noise: indicative only)"
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    files = {"dp_curve.png": figure_png(fig)}
+    return fig
+
+
+def demo_figures(result: dict, n_show: int = 4) -> dict:
+    """``{"dp_curve.png": bytes, "grid.png": bytes}`` from :func:`run_demo`'s result."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = result["metrics"]
+    names = list(m["tasks"])
+    files = {"dp_curve.png": figure_png(dp_curve_figure(m))}
 
     t0s = m["config"]["t0"]
     cols = ["truth", "measurement"] + [("MAP" if t == 0 else f"t0={t}") for t in t0s] + ["DPS", "RED-diff"]
@@ -268,13 +357,12 @@ def figure_png(fig) -> bytes:
     return buf.getvalue()
 
 
-def write_demo(result: dict, out_dir: str) -> list:
-    """Write ``dp_curve.png``, ``grid.png`` and ``metrics.json`` into ``out_dir`` (each file atomically)."""
-    from .pretrained import write_bytes_atomic, write_text_atomic
+def write_demo(result: dict, out_dir: str, overwrite: bool = False) -> list:
+    """Write ``dp_curve.png``, ``grid.png`` and ``metrics.json`` as the content of ``out_dir``, as a unit (see
+    module doc; ``overwrite`` replaces a previous demo output, never other files). Returns the file names."""
+    from .pretrained import write_output_set
 
     files = demo_figures(result)
-    os.makedirs(out_dir, exist_ok=True)
-    for name, data in files.items():
-        write_bytes_atomic(os.path.join(out_dir, name), data)
-    write_text_atomic(os.path.join(out_dir, "metrics.json"), json.dumps(result["metrics"], indent=2) + "\n")
-    return sorted(list(files) + ["metrics.json"])
+    files["metrics.json"] = (dumps_json(result["metrics"], "metrics.json") + "\n").encode("utf-8")
+    write_output_set(out_dir, files, overwrite=overwrite, is_ours=is_demo_file)
+    return sorted(files)

@@ -62,7 +62,8 @@ from .operators import make_operator
 from .samplers import DPSStep
 
 __all__ = ["DEMO_TASKS", "RESTORE_TASKS", "TaskPreset", "make_task", "restore", "restore_image", "restore_files",
-           "read_gray_png", "png_bytes", "IMAGE_SHAPE", "dps_zeta", "map_config"]
+           "check_restore_args", "is_restore_file", "read_gray_png", "png_bytes", "IMAGE_SHAPE", "dps_zeta",
+           "map_config"]
 
 IMAGE_SHAPE = (32, 32, 1)
 
@@ -100,7 +101,10 @@ DEMO_TASKS: Dict[str, TaskPreset] = {
 
 def dps_zeta(preset: TaskPreset, n_steps: Optional[int]) -> float:
     """DPS step size on a ``K``-step sub-grid: ``preset.zeta * max(1, 100 / K)`` (``preset.zeta`` from ``K = 100``
-    up to the full grid, ``n_steps=None``)."""
+    up to the full grid, ``n_steps=None``). ``n_steps`` must be a positive integer or ``None``."""
+    if n_steps is not None and (isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer))
+                                or n_steps < 1):
+        raise ValueError(f"dps_zeta: n_steps (Stage-2 steps K) must be a positive integer or None, got {n_steps!r}")
     return float(preset.zeta) * (1.0 if n_steps is None else max(1.0, 100.0 / int(n_steps)))
 
 
@@ -184,30 +188,72 @@ def png_bytes(x) -> bytes:
     return buf.getvalue()
 
 
+def is_restore_file(name: str) -> bool:
+    """Whether ``name`` is a file :func:`restore_files` produces (what ``restore --overwrite`` may replace)."""
+    import re
+
+    return name == "measurement.png" or re.fullmatch(r"restored_t0_\d+\.png", name) is not None
+
+
+def check_restore_args(task: str, t0s: Sequence[int], *, mask_path: Optional[str] = None, observed: bool = False,
+                       sigma_y: Optional[float] = None, stage2_steps: Optional[int] = 40, T: int = 1000) -> None:
+    """The checks of :func:`restore_files` that need no file and no model (the command line runs them before
+    loading anything). ``ValueError`` naming the option, what was expected and what was given."""
+    import math
+
+    if task not in RESTORE_TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {list(RESTORE_TASKS)}")
+    t0s = list(t0s)
+    if not t0s:
+        raise ValueError("--t0: expected at least one re-noising time")
+    if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in t0s):
+        raise ValueError(f"--t0 values must be integers in [0, {T}], got {t0s}")
+    if any(t < 0 or t > T for t in t0s):
+        raise ValueError(f"--t0 values must be in [0, {T}], got {t0s}")
+    if stage2_steps is not None and (isinstance(stage2_steps, bool)
+                                     or not isinstance(stage2_steps, (int, np.integer)) or stage2_steps < 1):
+        raise ValueError(f"--steps (Stage-2 steps K) must be a positive integer, got {stage2_steps!r}")
+    if sigma_y is not None:
+        try:
+            sig = float(sigma_y)
+        except (TypeError, ValueError):
+            raise ValueError(f"--sigma-y must be a number >= 0, got {sigma_y!r}") from None
+        if not math.isfinite(sig) or sig < 0:
+            raise ValueError(f"--sigma-y must be a finite number >= 0, got {sigma_y!r}")
+    if task == "inpaint_mask":
+        if mask_path is None:
+            raise ValueError("task inpaint_mask needs --mask M.png (white = observed, black = missing)")
+        preset = DEMO_TASKS["inpaint"]
+    else:
+        if mask_path is not None:
+            raise ValueError(f"--mask is only used by task inpaint_mask, not {task!r}")
+        preset = DEMO_TASKS[task]
+    if observed and sigma_y is not None and preset.w != "auto":
+        raise ValueError(f"--sigma-y sets the noise added when simulating the measurement of a clean --input; with "
+                         f"--observed the measurement is given, and task {task!r} uses a fixed Stage-1 weight "
+                         f"(w={preset.w}), so --sigma-y {sigma_y} would be ignored: drop it")
+
+
 def restore_files(model, task: str, input_path: str, t0s: Sequence[int], *, mask_path: Optional[str] = None,
                   observed: bool = False, seed: int = 0, sigma_y: Optional[float] = None,
                   stage2_steps: Optional[int] = 40):
     """``mapreps restore``: returns ``{filename: png_bytes}`` (nothing is written here, so a failure leaves no
     partial output). ``observed=False`` simulates the measurement from a clean 32x32 image; ``observed=True`` reads
-    the measurement itself (8x8 for ``sr4``)."""
-    if task not in RESTORE_TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {list(RESTORE_TASKS)}")
+    the measurement itself (8x8 for ``sr4``). Bad arguments (:func:`check_restore_args`), unreadable images and an
+    inpainting mask without any observed (white) pixel raise ``ValueError`` before any computation."""
+    check_restore_args(task, t0s, mask_path=mask_path, observed=observed, sigma_y=sigma_y,
+                       stage2_steps=stage2_steps, T=model.T)
     t0s = [int(t) for t in t0s]
-    if any(t < 0 or t > model.T for t in t0s):
-        raise ValueError(f"--t0 values must be in [0, {model.T}], got {t0s}")
     if task == "inpaint_mask":
-        if mask_path is None:
-            raise ValueError("task inpaint_mask needs --mask M.png (white = observed, black = missing)")
         mask = (read_gray_png(mask_path, IMAGE_SHAPE[:2], "mask") > 0).astype(np.float32)
+        if not mask.any():
+            raise ValueError(f"mask: no observed pixel in {mask_path} (all black; white = observed, black = "
+                             f"missing): there is nothing to restore from")
         preset = dataclasses.replace(DEMO_TASKS["inpaint"], name="inpaint_mask", task="inpaint_mask", kwargs={})
         op = make_operator("inpaint_mask", IMAGE_SHAPE, mask=mask[..., 0])
     else:
-        if mask_path is not None:
-            raise ValueError(f"--mask is only used by task inpaint_mask, not {task!r}")
         preset, op = make_task(task, seed)
     sig = preset.sigma_y if sigma_y is None else float(sigma_y)
-    if sig < 0:
-        raise ValueError(f"--sigma-y must be >= 0, got {sig}")
     key = jax.random.PRNGKey(seed)
     k_meas, k_run = jax.random.split(key)
     if observed:

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .validation import check_finite
+
 __all__ = ["rmse", "psnr", "ssim", "frechet_distance", "sliced_w2", "mmd"]
 
 
@@ -31,20 +33,15 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _check_finite(name: str, x) -> None:
-    if _is_concrete(x) and not bool(np.all(np.isfinite(np.asarray(x)))):
-        raise ValueError(f"{name} must contain only finite values; got non-finite entries")
-
-
-def _image_pair(x, ref, min_ndim: int = 2):
+def _image_pair(x, ref, min_ndim: int = 2, where: str = "metrics"):
     x = jnp.asarray(x)
     ref = jnp.asarray(ref)
     if x.shape != ref.shape:
         raise ValueError(f"x and ref must have the same shape; got x {list(x.shape)} and ref {list(ref.shape)}")
     if x.ndim < min_ndim:
         raise ValueError(f"x must be batched with at least {min_ndim} axes ([B, ...]); got shape {list(x.shape)}")
-    _check_finite("x", x)
-    _check_finite("ref", ref)
+    check_finite(x, "x", where)
+    check_finite(ref, "ref", where)
     return x, ref
 
 
@@ -55,13 +52,13 @@ def _mse01(x, ref):
 
 def rmse(x, ref) -> jax.Array:
     """Per-image RMSE on the [0, 1] scale of [-1, 1] inputs ``[B, ...]``: ``[B]``."""
-    x, ref = _image_pair(x, ref)
+    x, ref = _image_pair(x, ref, where="rmse")
     return jnp.sqrt(_mse01(x, ref))
 
 
 def psnr(x, ref) -> jax.Array:
     """Per-image PSNR in dB, ``10 log10(1 / mse)`` with ``mse`` on the [0, 1] scale of [-1, 1] inputs: ``[B]``."""
-    x, ref = _image_pair(x, ref)
+    x, ref = _image_pair(x, ref, where="psnr")
     return -10.0 * jnp.log10(_mse01(x, ref))
 
 
@@ -70,7 +67,7 @@ def ssim(x, ref) -> jax.Array:
     Images must be at least 11x11 (the Gaussian window)."""
     import dm_pix
 
-    x, ref = _image_pair(x, ref, min_ndim=4)
+    x, ref = _image_pair(x, ref, min_ndim=4, where="ssim")
     if x.ndim != 4:
         raise ValueError(f"x must be NHWC [B, H, W, C]; got shape {list(x.shape)}")
     if min(x.shape[1], x.shape[2]) < 11:
@@ -80,7 +77,7 @@ def ssim(x, ref) -> jax.Array:
     return dm_pix.ssim(a, b, max_val=1.0)
 
 
-def _sample_sets(X, Y, numpy: bool = False):
+def _sample_sets(X, Y, numpy: bool = False, where: str = "metrics"):
     X = np.asarray(X, np.float64) if numpy else jnp.asarray(X)
     Y = np.asarray(Y, np.float64) if numpy else jnp.asarray(Y)
     if X.ndim != 2 or Y.ndim != 2:
@@ -89,8 +86,8 @@ def _sample_sets(X, Y, numpy: bool = False):
         raise ValueError(f"X and Y must have the same feature dimension; got X {list(X.shape)} and Y {list(Y.shape)}")
     if X.shape[0] < 2 or Y.shape[0] < 2:
         raise ValueError(f"X and Y need at least 2 samples each; got X {list(X.shape)} and Y {list(Y.shape)}")
-    _check_finite("X", X)
-    _check_finite("Y", Y)
+    check_finite(X, "X", where)
+    check_finite(Y, "Y", where)
     return X, Y
 
 
@@ -98,7 +95,7 @@ def frechet_distance(feats1, feats2) -> float:
     """Fréchet distance (squared Gaussian W2, as in FID) between the Gaussians fitted to ``feats1 [n, d]`` and
     ``feats2 [m, d]`` (means and unbiased covariances), in float64:
     ``|m1 - m2|^2 + tr(S1 + S2 - 2 (S1^{1/2} S2 S1^{1/2})^{1/2})``; the matrix roots use ``eigh`` (PSD-clipped)."""
-    f1, f2 = _sample_sets(feats1, feats2, numpy=True)
+    f1, f2 = _sample_sets(feats1, feats2, numpy=True, where="frechet_distance")
     m1, m2 = f1.mean(0), f2.mean(0)
     S1 = np.atleast_2d(np.cov(f1, rowvar=False))
     S2 = np.atleast_2d(np.cov(f2, rowvar=False))
@@ -128,7 +125,7 @@ def sliced_w2(key, X, Y, n_proj: int = 256) -> jax.Array:
     """Sliced 2-Wasserstein distance between sample sets ``X [n, d]`` and ``Y [m, d]``:
     ``sqrt(mean_j W2^2(<theta_j, X>, <theta_j, Y>))`` with ``n_proj`` directions ``theta_j`` uniform on the sphere
     (drawn from ``key``); each 1-D W2 is exact between the empirical distributions."""
-    X, Y = _sample_sets(X, Y)
+    X, Y = _sample_sets(X, Y, where="sliced_w2")
     if not isinstance(n_proj, (int, np.integer)) or n_proj < 1:
         raise ValueError(f"n_proj must be a positive integer; got {n_proj!r}")
     return _sliced_w2(key, X, Y, int(n_proj))
@@ -161,7 +158,7 @@ def mmd(X, Y, bandwidth=None) -> jax.Array:
     ``|z_i - z_j|^2``, ``i < j``, of the pooled sample ``Z = [X; Y]`` (of an evenly strided subset of 1000 pooled
     points when there are more). Memory is ``O((n + m)^2)``.
     """
-    X, Y = _sample_sets(X, Y)
+    X, Y = _sample_sets(X, Y, where="mmd")
     if bandwidth is not None and _is_concrete(bandwidth) and not (
             np.ndim(bandwidth) == 0 and np.isfinite(bandwidth) and float(bandwidth) > 0):
         raise ValueError(f"bandwidth must be a finite positive number or None; got {bandwidth!r}")

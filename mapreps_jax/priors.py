@@ -35,6 +35,7 @@ import numpy as np
 from .diffusion import Schedule, alpha_bar
 from .map_stage import principled_weight  # noqa: F401  (re-exported)
 from .model import ScoreModel
+from .validation import check_finite
 
 __all__ = [
     "GaussianPrior",
@@ -64,11 +65,6 @@ _VAR_FLOOR = 1e-12
 
 def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
-
-
-def _check_finite(name: str, x) -> None:
-    if _is_concrete(x) and not bool(np.all(np.isfinite(np.asarray(x)))):
-        raise ValueError(f"{name} must contain only finite values; got non-finite entries")
 
 
 def _check_shape(name: str, x, shape) -> None:
@@ -109,7 +105,7 @@ def operator_matrix(A, d: int) -> jax.Array:
     if A.ndim != 2 or A.shape[1] != d:
         raise ValueError(f"A must be a matrix of shape [m, {d}] or a linear function of x [{d}]; "
                          f"got an array of shape {list(A.shape)}")
-    _check_finite("A", A)
+    check_finite(A, "A", "operator_matrix")
     return A
 
 
@@ -121,12 +117,12 @@ def _check_sigma(sigma_y):
     return jnp.asarray(sigma_y, jnp.float32)
 
 
-def _check_y(y, m: int):
+def _check_y(y, m: int, where: str = "posterior"):
     y = jnp.asarray(y)
     if y.ndim != 2 or y.shape[1] != m:
         raise ValueError(f"y must be batched with shape [B, {m}] (use y[None] for a single measurement); "
                          f"got {list(y.shape)}")
-    _check_finite("y", y)
+    check_finite(y, "y", where)
     return y
 
 
@@ -342,8 +338,8 @@ class GaussianPrior:
             _check_shape("mu", mu, (None,))
             d = mu.shape[0]
             _check_shape("cov", cov, (d, d))
-            _check_finite("mu", mu)
-            _check_finite("cov", cov)
+            check_finite(mu, "mu", "GaussianPrior")
+            check_finite(cov, "cov", "GaussianPrior")
             cov = 0.5 * (cov + cov.T)
             evals, evecs = jnp.linalg.eigh(cov)
             if _is_concrete(evals) and float(evals[0]) < -1e-5 * max(1.0, float(evals[-1])):
@@ -423,7 +419,7 @@ class GaussianPrior:
         """Exact posterior for ``y = A x + sigma_y n`` (``y [B, m]``): ``mean [B, d]``, ``cov [d, d]``
         (covariance form, valid for ``sigma_y = 0`` when ``A S A^T`` is invertible)."""
         A, gains, C, _, _ = self._posterior_pieces(A, sigma_y)
-        y = _check_y(y, A.shape[0])
+        y = _check_y(y, A.shape[0], "GaussianPrior.posterior")
         mean = self.mu + (y - self.mu @ A.T) @ gains[0].T
         return GaussianPosterior(mean=mean, cov=C[0])
 
@@ -469,7 +465,7 @@ class GMMPrior:
             d = means.shape[1]
             _check_shape("covs", covs, (K, d, d))
             for name, v in (("weights", w), ("means", means), ("covs", covs)):
-                _check_finite(name, v)
+                check_finite(v, name, "GMMPrior")
             if _is_concrete(w) and (np.any(np.asarray(w) < 0) or float(jnp.sum(w)) <= 0):
                 raise ValueError("weights must be non-negative with a positive sum")
             covs = 0.5 * (covs + jnp.swapaxes(covs, -1, -2))
@@ -547,7 +543,7 @@ class GMMPrior:
         """Exact posterior ``sum_k pi'_k N(m_k, C_k)`` for ``y = A x + sigma_y n`` with ``y [B, m]``;
         ``pi'_k ∝ pi_k N(y; A mu_k, A S_k A^T + sigma_y^2 I)``."""
         A, gains, C, g_evals, g_evecs = self._posterior_pieces(A, sigma_y)
-        y = _check_y(y, A.shape[0])
+        y = _check_y(y, A.shape[0], "GMMPrior.posterior")
         log_w, means = _mixture_posterior_params(A, self.means, gains, jnp.log(self.weights), g_evals, g_evecs, y)
         return GMMPosterior(weights=jax.nn.softmax(log_w, axis=-1), means=means, covs=C)
 
@@ -659,7 +655,7 @@ def stage1_fixed_point(prior: GaussianPrior, A_matrix, y, sigma_y, w: Union[floa
     if not isinstance(prior, GaussianPrior):
         raise TypeError(f"prior must be a GaussianPrior; got {type(prior).__name__}")
     A = operator_matrix(A_matrix, prior.d)
-    y = _check_y(y, A.shape[0])
+    y = _check_y(y, A.shape[0], "stage1_fixed_point")
     a = jnp.asarray(a_t1, jnp.float32)
     if isinstance(w, str):
         if w != "auto":

@@ -29,11 +29,12 @@ from .map_rps import dp_sweep
 from .map_stage import MAPConfig, principled_weight
 from .operators import make_operator
 from .priors import GMMPrior, GaussianPrior, gaussian_fit, gaussian_w2, ideal_dp_curve, oracle_map_rps_dp
-from .samplers import DDPMStep, DPSStep
+from .samplers import DDPMStep, DMPSStep, DPSStep, PiGDMStep
 
-__all__ = ["TestbedConfig", "run_testbed", "ALGOS", "PRIORS", "OPERATORS"]
+__all__ = ["TestbedConfig", "run_testbed", "ALGOS", "STAGE2", "PRIORS", "OPERATORS"]
 
-ALGOS = ("map-rps", "oracle-rps", "dps", "red-diff", "ccdf")
+ALGOS = ("map-rps", "oracle-rps", "dps", "pigdm", "dmps", "red-diff", "ccdf")
+STAGE2 = ("dps", "pigdm", "dmps")
 PRIORS = ("gaussian", "gmm")
 OPERATORS = ("mask", "matrix")
 
@@ -60,38 +61,73 @@ class TestbedConfig:
     lr_min: float = 1e-5
     t1: float = 10.0
     zeta: float = 0.2
+    stage2: str = "dps"
     red_diff_lr: float = 0.1
     red_diff_steps: int = 1000
 
     def validate(self):
+        """Every field checked before any computation: a ``ValueError`` naming the option (its command-line
+        spelling), what was expected and what was given. Returns ``self``."""
+        import math
+
         def bad(name, expected, got):
             raise ValueError(f"testbed: --{name.replace('_', '-')} expected {expected}, got {got!r}")
+
+        def integer(name, lo, hi=None, value=None):
+            v = getattr(self, name) if value is None else value
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
+                bad(name, f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""), v)
+
+        def real(name, lo=None, strict=False, hi=None):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+            ok = ok and math.isfinite(float(v))
+            if ok and lo is not None:
+                ok = float(v) > lo if strict else float(v) >= lo
+            if ok and hi is not None:
+                ok = float(v) <= hi
+            if not ok:
+                rng = "" if lo is None else (f" > {lo}" if strict else f" >= {lo}")
+                rng += "" if hi is None else f" and <= {hi}"
+                bad(name, f"a finite number{rng}", v)
 
         if self.prior not in PRIORS:
             bad("prior", f"one of {PRIORS}", self.prior)
         if self.algo not in ALGOS:
             bad("algo", f"one of {ALGOS}", self.algo)
+        if self.stage2 not in STAGE2:
+            bad("stage2", f"one of {STAGE2}", self.stage2)
         if self.operator not in OPERATORS:
             bad("operator", f"one of {OPERATORS}", self.operator)
-        if self.dim < 1:
-            bad("dim", "a positive integer", self.dim)
-        if self.keep is not None and not 1 <= self.keep <= self.dim:
-            bad("keep", f"an integer in [1, dim={self.dim}]", self.keep)
-        if self.rows is not None and self.rows < 1:
-            bad("rows", "a positive integer", self.rows)
-        if self.sigma_y < 0 or not np.isfinite(self.sigma_y):
-            bad("sigma_y", "a finite number >= 0", self.sigma_y)
-        if self.scale <= 0:
-            bad("scale", "a number > 0", self.scale)
-        if self.n_measurements < 2:
-            bad("n_measurements", "an integer >= 2", self.n_measurements)
-        if any((int(t) < 0 or int(t) > 1000) for t in self.t0) or len(self.t0) == 0:
-            bad("t0", "a non-empty list of integers in [0, 1000]", list(self.t0))
+        integer("dim", 1)
+        integer("n_components", 1)
+        if self.keep is not None:
+            integer("keep", 1, self.dim)
+        if self.rows is not None:
+            integer("rows", 1)
+        real("sigma_y", 0.0)
+        real("scale", 0.0, strict=True)
+        integer("n_measurements", 2)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            bad("seed", "an integer", self.seed)
+        t0 = list(self.t0) if not isinstance(self.t0, (str, bytes)) else None
+        if not t0 or any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t <= 1000
+                         for t in t0):
+            bad("t0", "a non-empty list of integers in [0, 1000]", list(self.t0) if t0 is not None else self.t0)
         if self.w != "auto":
             try:
-                float(self.w)
-            except ValueError:
-                bad("w", "a number or 'auto'", self.w)
+                w = float(self.w)
+            except (TypeError, ValueError):
+                w = None
+            if w is None or not math.isfinite(w) or w < 0:
+                bad("w", "'auto' or a finite number >= 0", self.w)
+        integer("n_iter", 1)
+        real("lr", 0.0, strict=True)
+        real("lr_min", 0.0)
+        real("t1", 0.0, hi=999.0)
+        real("zeta", 0.0)
+        real("red_diff_lr", 0.0, strict=True)
+        integer("red_diff_steps", 1)
         return self
 
 
@@ -163,7 +199,16 @@ def run_testbed(cfg: TestbedConfig, progress: Optional[Callable[[int, int], None
     else:
         w = float(cfg.w)
     map_cfg = MAPConfig(t1=t1, w=w, n_iter=int(cfg.n_iter), lr=float(cfg.lr), lr_min=float(cfg.lr_min))
-    _, k2 = jax.random.split(key)  # split(key)[1]: Stage 2 of the sweeps (dp_sweep), or the whole of DPS / RED-diff
+    _, k2 = jax.random.split(key)  # the whole of DPS / PiGDM / DMPS / RED-diff (per image: image_keys(k2, B))
+
+    def guided(name):
+        """Stage-2 step by name: DPS with step ``zeta``; PiGDM and DMPS with their exact guidance scale 1 and the true
+        ``sigma_y`` (PiGDM's ``r_t^2`` for the prior's variance ``scale^2``: exact on the Gaussian prior)."""
+        if name == "dps":
+            return DPSStep(zeta=cfg.zeta, clip=False)
+        if name == "pigdm":
+            return PiGDMStep(sigma_y=sig, data_var=float(cfg.scale) ** 2, clip=False)
+        return DMPSStep(sigma_y=sig, clip=False)
 
     t0s = [int(t) for t in cfg.t0]
     outputs = {}
@@ -173,19 +218,19 @@ def run_testbed(cfg: TestbedConfig, progress: Optional[Callable[[int, int], None
         if cfg.algo == "oracle-rps":
             s2_model, sampler, cond, x_init = prior.posterior_model(A, sig, schedule), DDPMStep(), y, x_star
         else:
-            s2_model, sampler, cond = model, DPSStep(zeta=cfg.zeta, clip=False), None
+            s2_model, sampler, cond = model, guided(cfg.stage2), None
             x_init = op.x_init(y) if cfg.algo == "ccdf" else None
         sweep = dp_sweep(key, s2_model, op, y, t0s, map_config=map_cfg, sampler=sampler, sigma_y=sig, cond=cond,
                          x_map=x_init, progress=progress)
         outputs = dict(zip(t0s, sweep.outputs))
-    elif cfg.algo == "dps":
-        outputs[schedule.T] = jax.jit(dps, static_argnames=("clip",))(k2, model, op, y, zeta=cfg.zeta, clip=False)
+    elif cfg.algo in ("dps", "pigdm", "dmps"):  # from pure noise over the full grid
+        outputs[schedule.T] = jax.jit(dps)(k2, model, op, y, sampler=guided(cfg.algo))
         t0s = [schedule.T]
     else:  # red-diff
         rcfg = REDDiffConfig(lr=cfg.red_diff_lr, n_steps=int(cfg.red_diff_steps))
         outputs[0] = jax.jit(red_diff)(k2, model, op, y, config=rcfg)
         t0s = [0]
-    if progress is not None and cfg.algo in ("dps", "red-diff"):
+    if progress is not None and cfg.algo in ("dps", "pigdm", "dmps", "red-diff"):
         progress(1, 1)
 
     points = []

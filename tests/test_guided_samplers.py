@@ -299,3 +299,21 @@ def test_red_diff_nvlabs_matches_a_numpy_transcription(x64):
         iterates.append(mu.copy())
     np.testing.assert_allclose(np.asarray(after), iterates[-1], rtol=1e-7, atol=1e-9)
     np.testing.assert_allclose(np.asarray(out), iterates[-2], rtol=1e-7, atol=1e-9)
+
+
+def test_testbed_runs_pigdm_and_dmps_and_uses_them_as_stage2():
+    """`mapreps testbed --algo pigdm|dmps` (pure noise, full grid) and `--algo map-rps --stage2 pigdm`: PiGDM's point
+    is the exact posterior sampler's (2 D*, 0) within MC error (n = 1000); every point respects the ideal D-P bound."""
+    from mapreps_jax.testbed import TestbedConfig, run_testbed
+
+    res = {a: run_testbed(TestbedConfig(algo=a, n_measurements=1000))["points"] for a in ("pigdm", "dmps")}
+    p = res["pigdm"][0]
+    assert p["t0"] == 1000 and abs(p["D"] / (2 * p["D_star"]) - 1) < 0.08 and p["P"] < 0.25, p
+    q = res["dmps"][0]
+    assert q["D"] >= q["D_ideal"] - 0.3 and q["D"] > q["D_star"], q
+    sweep = run_testbed(TestbedConfig(algo="map-rps", stage2="pigdm", t0=(0, 999), n_measurements=512))["points"]
+    # t0 = 0: the MAP estimate (D*, P*); t0 = 999: the exact posterior sampler from a re-noised MAP (2 D*, 0)
+    assert abs(sweep[0]["D"] / sweep[0]["D_star"] - 1) < 0.05
+    assert abs(sweep[1]["D"] / (2 * sweep[1]["D_star"]) - 1) < 0.1 and sweep[1]["P"] < 0.3, sweep[1]
+    with pytest.raises(ValueError, match="--stage2 expected one of"):
+        TestbedConfig(stage2="ddim").validate()

@@ -17,10 +17,20 @@ missing, unexpected or mis-shaped key is a ``ValueError`` naming it.
 A converted checkpoint is a directory::
 
     <dst>/meta.json    {"format": "mapreps-adm", "version": 1, "config": {...}, "source_sha256": ..., "source_name": ...,
-                        "params_sha256": ..., "num_params": ..., "num_tensors": ...}
+                        "params_sha256": ..., "num_params": ..., "num_tensors": ...,
+                        "schedule": {"kind": "linear", "T": 1000, "params": {}},
+                        "files": {"params/<file>": {"sha256": ..., "size": ...}, ...}}
     <dst>/params/      orbax-checkpoint (StandardCheckpointer) of the float32 Flax params
 
-written to a temporary sibling directory and renamed into place (no partial output).
+written to a temporary sibling directory and renamed into place (no partial output), with the modes a plain
+``mkdir`` / ``open`` would give (the umask), not ``mkdtemp``'s private ``0700``. ``schedule`` (the diffusion
+schedule the network was trained with, :func:`mapreps_jax.pretrained.schedule_metadata`) and ``files`` (SHA-256
+and size of every file under ``params/``) were added within version 1: :func:`load_converted` reads older
+metadata without them (linear schedule; no per-file check). The per-file check runs before orbax reads anything,
+so a truncated or altered file is one ``ValueError`` naming it; the params checksum is checked after restoring.
+
+``overwrite`` (``--overwrite``) replaces only an empty folder or a converted checkpoint (a ``meta.json`` of this
+format): any other existing folder is refused, never deleted.
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ __all__ = [
     "convert_command",
     "sha256_file",
     "params_sha256",
+    "check_replaceable",
     "PRESETS",
 ]
 
@@ -273,15 +284,106 @@ def _ocp():
     return ocp
 
 
-def save_converted(dst, params, config: ADMConfig, source_sha256: Optional[str] = None,
-                   source_name: Optional[str] = None, overwrite: bool = False) -> str:
-    """Save converted params with orbax and ``meta.json`` (config, source SHA-256, params SHA-256) under ``dst``.
+def _is_converted_dir(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
 
-    Written to a temporary sibling directory, then renamed into place. Returns the absolute ``dst``.
-    """
+
+def check_replaceable(dst, overwrite: bool) -> str:
+    """Raise unless ``dst`` may be written: absent, or with ``overwrite`` an empty folder or a converted checkpoint
+    (``FileExistsError`` without ``overwrite``; ``ValueError`` for anything else). Returns the absolute path."""
     dst = os.path.abspath(os.fspath(dst))
-    if os.path.exists(dst) and not overwrite:
-        raise FileExistsError(f"save_converted: {dst} exists (pass overwrite=True / --overwrite to replace it)")
+    if not os.path.lexists(dst):
+        return dst
+    if not overwrite:
+        raise FileExistsError(f"{dst} exists (pass overwrite=True / --overwrite to replace a converted checkpoint)")
+    if not os.path.isdir(dst) or os.path.islink(dst):
+        raise ValueError(f"--dst: {dst} exists and is not a folder; --overwrite replaces only a converted checkpoint "
+                         f"folder (or an empty one)")
+    if os.listdir(dst) and not _is_converted_dir(dst):
+        raise ValueError(f"--dst: {dst} is not a converted checkpoint (no {FORMAT!r} meta.json) and not empty; "
+                         f"--overwrite refuses to delete it: choose another --dst")
+    return dst
+
+
+def _file_records(root: str, sub: str) -> Dict[str, dict]:
+    out = {}
+    for r, dirs, files in os.walk(os.path.join(root, sub)):
+        dirs.sort()
+        for f in sorted(files):
+            full = os.path.join(r, f)
+            out[os.path.relpath(full, root).replace(os.sep, "/")] = {"sha256": sha256_file(full),
+                                                                    "size": os.path.getsize(full)}
+    return out
+
+
+def _verify_files(path: str, records: Dict[str, dict]) -> None:
+    """Every recorded file present with its size and SHA-256, and no other file under ``params/``."""
+    if not isinstance(records, dict):
+        raise ValueError(f"{path}: meta.json 'files' must be an object, got {type(records).__name__}")
+    have = _file_records_names(path, "params")
+    for rel, rec in sorted(records.items()):
+        full = os.path.join(path, rel)
+        if rel not in have:
+            raise ValueError(f"{full}: missing file (recorded in meta.json, {rec.get('size')} bytes): corrupt "
+                             f"checkpoint; convert it again")
+        size = os.path.getsize(full)
+        if size != rec.get("size"):
+            raise ValueError(f"{full}: expected {rec.get('size')} bytes as recorded in meta.json, got {size} "
+                             f"(truncated or corrupt checkpoint); convert it again")
+        digest = sha256_file(full)
+        if digest != rec.get("sha256"):
+            raise ValueError(f"{full}: SHA-256 mismatch (corrupt checkpoint): expected {rec.get('sha256')} as "
+                             f"recorded in meta.json, got {digest}; convert it again")
+    extra = sorted(have - set(records))
+    if extra:
+        raise ValueError(f"{os.path.join(path, extra[0])}: unexpected file, not recorded in meta.json "
+                         f"({len(extra)} in all): corrupt or modified checkpoint")
+
+
+def _file_records_names(root: str, sub: str) -> set:
+    out = set()
+    for r, _, files in os.walk(os.path.join(root, sub)):
+        for f in files:
+            out.add(os.path.relpath(os.path.join(r, f), root).replace(os.sep, "/"))
+    return out
+
+
+def _chmod_tree_umask(root: str) -> None:
+    """Give ``root`` and everything under it the modes of a plain ``mkdir`` / ``open`` (0o777 / 0o666 less the
+    umask): ``mkdtemp`` makes 0700 folders and some writers 0600 files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for r, dirs, files in os.walk(root):
+        for d in dirs:
+            os.chmod(os.path.join(r, d), 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(r, f), 0o666 & ~umask)
+
+
+def save_converted(dst, params, config: ADMConfig, source_sha256: Optional[str] = None,
+                   source_name: Optional[str] = None, overwrite: bool = False, schedule: Optional[dict] = None) -> str:
+    """Save converted params with orbax and ``meta.json`` (config, diffusion schedule, source SHA-256, params
+    SHA-256, per-file SHA-256) under ``dst``.
+
+    Written to a temporary sibling directory, then renamed into place. ``schedule`` is a record of
+    :func:`mapreps_jax.pretrained.schedule_metadata` (default: linear, 1000 steps, the ADM models' schedule).
+    ``overwrite`` replaces only an empty folder or a converted checkpoint. Returns the absolute ``dst``.
+    """
+    from ..pretrained import schedule_metadata
+
+    dst = check_replaceable(dst, overwrite)
+    if schedule is None:
+        schedule = schedule_metadata()
+    elif not isinstance(schedule, dict) or "kind" not in schedule:
+        raise ValueError(f"save_converted: schedule must be a schedule_metadata() record, got {schedule!r}")
+    else:
+        schedule = schedule_metadata(schedule["kind"], schedule.get("T", 1000), **(schedule.get("params") or {}))
     if source_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", source_sha256):
         raise ValueError(f"save_converted: source_sha256 must be 64 lowercase hex digits, got {source_sha256!r}")
     expected = param_shapes(config)
@@ -299,6 +401,7 @@ def save_converted(dst, params, config: ADMConfig, source_sha256: Optional[str] 
         "params_sha256": params_sha256(params),
         "num_params": int(sum(a.size for a in jax.tree_util.tree_leaves(params))),
         "num_tensors": len(jax.tree_util.tree_leaves(params)),
+        "schedule": schedule,
     }
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
@@ -309,9 +412,12 @@ def save_converted(dst, params, config: ADMConfig, source_sha256: Optional[str] 
         ckptr.save(os.path.join(tmp, "params"), params)
         ckptr.wait_until_finished()
         ckptr.close()
+        meta["files"] = _file_records(tmp, "params")
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1, sort_keys=True)
-        if os.path.exists(dst):
+        _chmod_tree_umask(tmp)
+        if os.path.lexists(dst):
+            check_replaceable(dst, overwrite)  # the folder may have changed while converting
             old = dst + ".old-" + os.path.basename(tmp)
             os.rename(dst, old)
             os.rename(tmp, dst)
@@ -351,7 +457,10 @@ def load_converted(path, expected_config: Optional[ADMConfig] = None,
     Checks: ``meta.json`` is well formed; the recorded config equals ``expected_config`` in every architectural
     field (``dtype``/``remat`` of ``expected_config`` are applied to the returned config); the recorded source
     SHA-256 equals ``expected_source_sha256`` when given; the restored params have the config's shapes and (with
-    ``verify``) hash to the recorded ``params_sha256``. Any failure is a ``ValueError`` saying which.
+    ``verify``) hash to the recorded ``params_sha256``; with ``verify``, before orbax reads anything, every file
+    under ``params/`` matches the size and SHA-256 recorded in ``meta["files"]`` (when recorded). Any failure is a
+    ``ValueError`` saying which. ``meta["schedule"]`` is the recorded diffusion schedule (absent in older
+    checkpoints: read it with :func:`mapreps_jax.pretrained.schedule_from_metadata`, which defaults to linear).
     """
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
@@ -372,6 +481,8 @@ def load_converted(path, expected_config: Optional[ADMConfig] = None,
         raise ValueError(f"{path}: converted from a source with SHA-256 {meta.get('source_sha256')!r}, expected "
                          f"{expected_source_sha256!r}")
     abstract = param_shapes(config)
+    if verify and "files" in meta:
+        _verify_files(path, meta["files"])
     ocp = _ocp()
     try:
         ckptr = ocp.StandardCheckpointer()
@@ -405,7 +516,12 @@ def _parser():
     p.add_argument("--src", required=True, help="source .pt/.pth/.ckpt (torch.save zip) or .safetensors file")
     p.add_argument("--dst", default=None, help="output directory (default: checkpoints/adm-<config>)")
     p.add_argument("--expected-sha256", default=None, help="refuse a source file with another SHA-256")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --dst that is a converted checkpoint (or an empty folder)")
+    p.add_argument("--schedule", default="linear",
+                   help="diffusion schedule the network was trained with, recorded in meta.json (make_schedule "
+                        "kind: linear, scaled_linear, ldm_linear; default linear, the ADM models')")
+    p.add_argument("--T", type=int, default=1000, help="number of diffusion steps of that schedule (default 1000)")
     return p
 
 
@@ -431,12 +547,19 @@ def convert_command(argv) -> int:
     elif argv and not argv[0].startswith("-"):
         print(f"mapreps convert: unknown network kind {argv[0]!r} (supported: adm)", file=sys.stderr)
         return 2
+    from ..pretrained import schedule_metadata
+
     args = _parser().parse_args(argv)
     try:
         config, cname = _config_from_arg(args.config)
+        try:
+            schedule = schedule_metadata(args.schedule, args.T)
+        except ValueError as e:
+            raise ValueError(f"--schedule/--T: {e}") from None
         dst = args.dst or os.path.join("checkpoints", f"adm-{cname}")
-        if os.path.exists(dst) and not args.overwrite:
-            raise FileExistsError(f"{dst} exists (use --overwrite to replace it)")
+        check_replaceable(dst, args.overwrite)
+        if not os.path.isfile(args.src):
+            raise FileNotFoundError(f"--src: file not found: {args.src}")
         print(f"[1/4] hashing {args.src} ...", flush=True)
         digest = sha256_file(args.src)
         print(f"      sha256 {digest}", flush=True)
@@ -450,10 +573,18 @@ def convert_command(argv) -> int:
         del sd
         print(f"[4/4] saving to {dst} ...", flush=True)
         out = save_converted(dst, params, config, source_sha256=digest, source_name=os.path.basename(args.src),
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, schedule=schedule)
         n = sum(a.size for a in jax.tree_util.tree_leaves(params))
         print(f"done: {out} ({n / 1e6:.1f}M parameters)", flush=True)
         return 0
-    except (ValueError, FileNotFoundError, FileExistsError, OSError, pickle.UnpicklingError) as e:
+    except (ValueError, OSError, pickle.UnpicklingError) as e:
         print(f"mapreps convert adm: error: {e}", file=sys.stderr)
         return 2
+    except RecursionError:  # the reader caps nesting; this is a last resort
+        print(f"mapreps convert adm: error: {args.src}: structure nested too deeply to read (damaged or malicious "
+              f"file)", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"mapreps convert adm: error: out of memory while converting {args.src} (the file declares more data "
+              f"than fits in memory)", file=sys.stderr)
+        return 1

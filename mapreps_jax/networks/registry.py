@@ -3,7 +3,15 @@
 The registry is a dict ``name -> ModelEntry`` (config factory, sub-directory under the checkpoints directory, and
 how to obtain the weights); :func:`register_model` adds entries (e.g. the library's bundled default model).
 
-The checkpoints directory is, in order: the ``checkpoints_dir`` argument, ``$MAPREPS_CHECKPOINTS``, ``./checkpoints``.
+The checkpoints directory (the *checkpoint root*) is, in order: the ``checkpoints_dir`` argument,
+``$MAPREPS_CHECKPOINTS``, ``./checkpoints``. ``$MAPREPS_CHECKPOINTS`` means the same in
+:mod:`mapreps_jax.pretrained`: the root that holds ``default/`` (the bundled digits prior) and the converted model
+folders (``<root>/adm-ffhq256``, ...). A root that does not exist is reported as such.
+
+The diffusion schedule of a loaded model is the one recorded in its ``meta.json`` (``schedule``: kind, ``T`` and
+parameters, written by :func:`~mapreps_jax.networks.convert.save_converted`); checkpoints converted before that
+field existed get the linear 1000-step schedule. A registered model whose checkpoint records another schedule than
+its registry entry is refused.
 """
 
 from __future__ import annotations
@@ -92,7 +100,15 @@ def registered_models() -> Dict[str, ModelEntry]:
 
 
 def default_checkpoints_dir() -> str:
-    return os.environ.get("MAPREPS_CHECKPOINTS") or os.path.join(os.getcwd(), "checkpoints")
+    """``$MAPREPS_CHECKPOINTS`` (the checkpoint root) when set, else ``./checkpoints`` (absolute path)."""
+    return os.path.abspath(os.environ.get("MAPREPS_CHECKPOINTS") or os.path.join(os.getcwd(), "checkpoints"))
+
+
+def _schedule(meta: dict, path: str):
+    from ..pretrained import schedule_from_metadata
+
+    return schedule_from_metadata({"schedule": meta["schedule"]} if "schedule" in meta else {},
+                                  where=f"{path}/meta.json")
 
 
 def load_model(name_or_path, checkpoints_dir=None, dtype: Optional[str] = None, remat: Optional[bool] = None,
@@ -108,28 +124,43 @@ def load_model(name_or_path, checkpoints_dir=None, dtype: Optional[str] = None, 
       verify: check the params checksum recorded at conversion.
 
     Raises:
-      ModelNotFoundError: a registered model's checkpoint is absent; the message says where to download the
-        source file and the exact convert command.
+      ModelNotFoundError: a registered model's checkpoint (or the checkpoint root) is absent; the message says
+        where to download the source file and the exact convert command.
       ValueError: unknown name, or a corrupt / mismatched checkpoint.
     """
     name = os.fspath(name_or_path)
     overrides = {k: v for k, v in (("dtype", dtype), ("remat", remat)) if v is not None}
     if name in _REGISTRY:
         entry = _REGISTRY[name]
+        env = os.environ.get("MAPREPS_CHECKPOINTS")
         root = os.fspath(checkpoints_dir) if checkpoints_dir is not None else default_checkpoints_dir()
+        if not os.path.isdir(root):
+            origin = ("checkpoints_dir" if checkpoints_dir is not None
+                      else f"MAPREPS_CHECKPOINTS={env!r}" if env else "the default checkpoint root")
+            raise ModelNotFoundError(f"model {name!r}: {origin}: no such folder {root} (the checkpoint root must "
+                                     f"hold the converted model folders, e.g. {entry.subdir}/).\n"
+                                     f"{entry.how_to_obtain}")
         path = os.path.join(root, entry.subdir)
         if not os.path.isfile(os.path.join(path, "meta.json")):
             raise ModelNotFoundError(f"model {name!r}: no converted checkpoint at {path}.\n{entry.how_to_obtain}")
         if entry.loader is not None:
             return entry.loader(path, entry, **overrides)
         config = dataclasses.replace(entry.config(), **overrides)
-        params, config, _ = load_converted(path, expected_config=config,
-                                           expected_source_sha256=entry.source_sha256, verify=verify)
-        return adm_score_model(config, params, make_schedule(entry.schedule), name=name)
+        params, config, meta = load_converted(path, expected_config=config,
+                                              expected_source_sha256=entry.source_sha256, verify=verify)
+        expected = make_schedule(entry.schedule)
+        if "schedule" in meta:
+            schedule, record = _schedule(meta, path)
+            if record["kind"] != entry.schedule or schedule.T != expected.T or not bool(
+                    (schedule.betas == expected.betas).all()):
+                raise ValueError(f"{path}: the checkpoint records the diffusion schedule {record}, but model "
+                                 f"{name!r} is registered with the {entry.schedule!r} schedule (T={expected.T})")
+        return adm_score_model(config, params, expected, name=name)
     if os.path.isdir(name):
         params, config, meta = load_converted(name, verify=verify)
         if overrides:
             config = dataclasses.replace(config, **overrides)
-        return adm_score_model(config, params, make_schedule("linear"), name=os.path.basename(name.rstrip("/")))
+        schedule, _ = _schedule(meta, name)
+        return adm_score_model(config, params, schedule, name=os.path.basename(name.rstrip("/")))
     raise ValueError(f"load_model: {name!r} is neither a registered model ({', '.join(sorted(_REGISTRY))}) nor a "
                      f"directory")
