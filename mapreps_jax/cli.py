@@ -251,16 +251,59 @@ def cmd_restore(args) -> int:
     from .digits import check_restore_args, is_restore_file, restore_files
     from .pretrained import check_output_dir, load_default_prior, load_default_prior_config, write_output_set
 
+    if args.preset is not None:
+        return _restore_preset(args)
+    if args.task is None:
+        raise ValueError("restore: give --task (digits prior) or --preset NAME (a converted network, see --model)")
+    if args.model is not None:
+        raise ValueError("restore: --model goes with --preset (the digits tasks use the bundled prior)")
     # everything that can fail without computing, before computing: options, output folder, checkpoint
-    check_restore_args(args.task, args.t0, mask_path=args.mask, observed=args.observed, sigma_y=args.sigma_y,
+    t0s = [0, 200, 600] if args.t0 is None else args.t0
+    check_restore_args(args.task, t0s, mask_path=args.mask, observed=args.observed, sigma_y=args.sigma_y,
                        stage2_steps=args.steps, T=int(load_default_prior_config().get("T", 1000)))
     check_output_dir(args.out, overwrite=args.overwrite, is_ours=is_restore_file)
     model = load_default_prior()
-    files = restore_files(model, args.task, args.input, args.t0, mask_path=args.mask, observed=args.observed,
+    files = restore_files(model, args.task, args.input, t0s, mask_path=args.mask, observed=args.observed,
                           seed=args.seed, sigma_y=args.sigma_y, stage2_steps=args.steps)
     write_output_set(args.out, files, overwrite=args.overwrite, is_ours=is_restore_file)
     print(json.dumps({"out": args.out, "files": sorted(files)}))
     return 0
+
+
+def _restore_preset(args) -> int:
+    """``restore --preset NAME [--model DIR]``: the paper's settings on a converted network (one PNG per t0)."""
+    import json
+
+    from .digits import is_restore_file
+    from .presets import get_preset, load_preset_model, restore_preset_files
+    from .pretrained import check_output_dir, write_output_set
+
+    p = get_preset(args.preset)
+    for opt, val in (("--task", args.task), ("--mask", args.mask), ("--sigma-y", args.sigma_y)):
+        if val is not None:
+            raise ValueError(f"restore --preset {p.name}: {opt} is fixed by the preset; drop it")
+    t0s = list(p.t0s) if args.t0 is None else args.t0
+    if any(t < 0 or t > 1000 for t in t0s):
+        raise ValueError(f"--t0 values must be in [0, 1000], got {t0s}")
+    check_output_dir(args.out, overwrite=args.overwrite, is_ours=is_restore_file)
+    if args.model is None:
+        model = load_preset_model(p)
+    else:
+        from .networks.registry import load_model
+
+        if not os.path.isdir(args.model):
+            raise ValueError(f"--model: no converted checkpoint folder at {args.model!r}\n{_preset_help(p)}")
+        model = load_model(args.model)
+    files = restore_preset_files(model, p, args.input, t0s, observed=args.observed, seed=args.seed)
+    write_output_set(args.out, files, overwrite=args.overwrite, is_ours=is_restore_file)
+    print(json.dumps({"out": args.out, "preset": p.name, "files": sorted(files)}))
+    return 0
+
+
+def _preset_help(p) -> str:
+    from .presets import preset_help
+
+    return preset_help(p)
 
 
 def cmd_convert(argv: List[str]) -> int:
@@ -302,12 +345,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_testbed_demo)
     p = sub.add_parser("restore", help="restore a 32x32 grayscale image with the bundled digits prior")
-    p.add_argument("--task", required=True, help="sr4 | inpaint | deblur | denoise | inpaint_mask")
+    p.add_argument("--task", default=None, help="sr4 | inpaint | deblur | denoise | inpaint_mask (digits prior)")
+    p.add_argument("--preset", default=None, help="the paper's settings on a converted network instead of the "
+                   "digits prior: ffhq-denoise | ffhq-inpaint-random | ffhq-sr4 | ffhq-deblur-aniso")
+    p.add_argument("--model", default=None, help="with --preset: a converted checkpoint folder (default: the "
+                   "registered adm-ffhq256 under $MAPREPS_CHECKPOINTS or ./checkpoints)")
     p.add_argument("--input", required=True, help="PNG: a clean 32x32 digit (simulated measurement) or, with "
                                                   "--observed, the degraded measurement itself (8x8 for sr4)")
     p.add_argument("--mask", default=None, help="PNG mask for inpaint_mask (white = observed)")
     p.add_argument("--observed", action="store_true", help="--input is the measurement, not a clean image")
-    p.add_argument("--t0", type=_int_list, default=[0, 200, 600], help="comma-separated re-noising times")
+    p.add_argument("--t0", type=_int_list, default=None,
+                   help="comma-separated re-noising times (default 0,200,600; with --preset, the preset's list)")
     p.add_argument("--sigma-y", type=float, default=None, help="measurement noise std (default: the task preset)")
     p.add_argument("--steps", type=int, default=40, help="Stage-2 sub-grid steps K")
     p.add_argument("--seed", type=int, default=0)

@@ -55,7 +55,8 @@ from .map_stage import MAPConfig
 from .operators import Operator, make_operator
 from .samplers import DPSStep
 
-__all__ = ["Preset", "PRESETS", "get_preset", "preset_help", "load_preset_model", "restore_with_preset"]
+__all__ = ["Preset", "PRESETS", "get_preset", "preset_help", "load_preset_model", "restore_with_preset",
+           "restore_preset_files"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,3 +216,78 @@ def restore_with_preset(key, model, preset: Union[str, Preset], y, t0s: Optional
     return dp_sweep(key, model, op, y, p.t0s if t0s is None else t0s, map_config=p.map_config(),
                     sampler=p.sampler(), sigma_y=p.sigma_y, x_true=x_true, n_steps=n_steps, vectorize=vectorize,
                     progress=progress)
+
+
+def read_image_png(path: str, shape: Sequence[int], what: str = "input"):
+    """Read an 8-bit PNG of single-image shape ``shape`` (``(H, W, C)``, C = 1 or 3) into float32 [-1, 1];
+    ``ValueError`` naming the file, the expected and the given size / channels."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    H, W, C = (int(s) for s in shape)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode, size = im.mode, im.size
+            if mode not in ("L", "RGB"):
+                raise ValueError(f"{what}: expected an 8-bit {'RGB' if C == 3 else 'grayscale'} PNG, got mode "
+                                 f"{mode!r} in {path}")
+            arr = np.asarray(im)
+    except FileNotFoundError:
+        raise ValueError(f"{what}: file not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{what}: could not read {path} as an image ({e})") from None
+    channels = 1 if arr.ndim == 2 else arr.shape[-1]
+    if (size[1], size[0]) != (H, W) or channels != C:
+        raise ValueError(f"{what}: expected a {W}x{H} image with {C} channel(s), got {size[0]}x{size[1]} with "
+                         f"{channels} in {path}")
+    arr = arr.reshape(H, W, C).astype(np.float32)
+    return arr / 127.5 - 1.0
+
+
+def png_image_bytes(x) -> bytes:
+    """Encode one ``[H, W, C]`` image in [-1, 1] (C = 1 or 3) as 8-bit PNG bytes."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    u8 = np.clip(np.round((np.asarray(x, np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(u8[..., 0] if u8.shape[-1] == 1 else u8).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def restore_preset_files(model, preset: Union[str, Preset], input_path: str, t0s: Optional[Sequence[int]] = None, *,
+                         observed: bool = False, seed: int = 0, image_shape: Optional[Sequence[int]] = None):
+    """``mapreps restore --preset NAME``: restore one image with a preset on a converted network; returns
+    ``{filename: png_bytes}`` (``measurement.png`` and ``restored_t0_<t0>.png``; nothing is written here).
+
+    ``observed=False``: ``input_path`` is a clean image of the network's size, measured with the preset's operator
+    and ``sigma_y`` (key ``split(PRNGKey(seed))[0]``); ``observed=True``: it is the measurement itself (an image of
+    the operator's output shape). The restoration uses ``split(PRNGKey(seed))[1]``. ``image_shape``: the network's
+    image size (default the preset's, 256x256x3).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    p = get_preset(preset)
+    t0s = list(p.t0s if t0s is None else t0s)
+    shape = tuple(int(s) for s in (p.image_shape if image_shape is None else image_shape))
+    op = p.operator(shape, seed=seed)
+    k_meas, k_run = jax.random.split(jax.random.PRNGKey(seed))
+    if observed:
+        if len(op.out_shape) != 3:
+            raise ValueError(f"--observed: preset {p.name!r} measures a vector of shape {op.out_shape}, not an "
+                             f"image; give the clean image instead")
+        y = jnp.asarray(read_image_png(input_path, op.out_shape, "input (observed measurement)"))[None]
+    else:
+        x = jnp.asarray(read_image_png(input_path, shape, "input"))[None]
+        y = op.measure(k_meas, x, p.sigma_y)
+    res = restore_with_preset(k_run, model, p, y, t0s, op=op)
+    files = {}
+    if len(op.out_shape) == 3:
+        files["measurement.png"] = png_image_bytes(jnp.clip(op.x_init(y)[0], -1.0, 1.0))
+    for t0, out in zip(res.t0, res.outputs):
+        files[f"restored_t0_{int(t0)}.png"] = png_image_bytes(jnp.clip(out[0], -1.0, 1.0))
+    return files

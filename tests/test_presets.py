@@ -120,3 +120,46 @@ def test_restore_with_preset_end_to_end_on_tiny_adm(name, tiny_model):
 def test_restore_with_preset_rejects_bad_measurement(tiny_model):
     with pytest.raises(ValueError, match="y"):
         restore_with_preset(jax.random.PRNGKey(0), tiny_model, "ffhq-sr4", jnp.zeros((4, 4, 3)))
+
+
+@pytest.mark.slow
+def test_restore_cli_with_a_preset_on_a_converted_network(tmp_path, capsys):
+    """`mapreps restore --preset ffhq-sr4 --model DIR --input x.png --t0 0,2 --out OUT` on a converted tiny ADM (the
+    preset's operator at the network's 16x16 size through restore_preset_files' image_shape; the CLI uses the
+    preset's 256x256, so here the library call is compared with the written files); without weights, a clear error
+    that says how to obtain and convert them."""
+    from PIL import Image
+
+    from mapreps_jax.cli import main
+    from mapreps_jax.networks import save_converted
+    from mapreps_jax.presets import png_image_bytes, read_image_png, restore_preset_files
+
+    cfg = mr.ADMConfig.tiny(channel_mult=(1,), attention_resolutions=(16,))
+    params = mr.init_adm_params(jax.random.PRNGKey(0), cfg)
+    model_dir = str(tmp_path / "adm-tiny")
+    save_converted(model_dir, params, cfg)
+    img = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "x.png")
+    np.testing.assert_allclose(read_image_png(str(tmp_path / "x.png"), (16, 16, 3)), img / 127.5 - 1.0, atol=1e-6)
+    p = dataclasses.replace(get_preset("ffhq-sr4"), n_iter=2)
+    model = mr.load_model(model_dir)
+    files = restore_preset_files(model, p, str(tmp_path / "x.png"), [0, 2], image_shape=(16, 16, 3))
+    assert sorted(files) == ["measurement.png", "restored_t0_0.png", "restored_t0_2.png"]
+    # the same restoration through restore_with_preset, encoded the same way
+    op = p.operator((16, 16, 3), seed=0)
+    k_meas, k_run = jax.random.split(jax.random.PRNGKey(0))
+    y = op.measure(k_meas, jnp.asarray(img / 127.5 - 1.0, jnp.float32)[None], p.sigma_y)
+    ref = restore_with_preset(k_run, model, p, y, [0, 2], op=op)
+    assert files["restored_t0_2.png"] == png_image_bytes(jnp.clip(ref.outputs[1, 0], -1, 1))
+    # the CLI: a missing model folder is one clear error naming how to get the weights; no output written
+    out = tmp_path / "out"
+    rc = main(["restore", "--preset", "ffhq-sr4", "--model", str(tmp_path / "nope"), "--input",
+               str(tmp_path / "x.png"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no converted checkpoint folder" in err and "mapreps convert adm" in err
+    assert not out.exists()
+    # and a wrong input size for the preset's 256x256 network is refused before computing
+    rc = main(["restore", "--preset", "ffhq-sr4", "--model", model_dir, "--input", str(tmp_path / "x.png"),
+               "--t0", "0", "--out", str(out)])
+    assert rc == 2 and "expected a 256x256 image with 3 channel(s), got 16x16" in capsys.readouterr().err
+    assert not out.exists()
