@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import hashlib
 import json
 import os
 import shutil
@@ -43,6 +42,8 @@ import uuid
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
+
+from .integrity import files_under, sha256_file, verify_file_records
 
 __all__ = [
     "ENV_CHECKPOINTS",
@@ -302,28 +303,6 @@ MANIFEST_VERSION = 1
 _MANIFEST_DIRS = ("classifier", "diffusion", "train_state")
 
 
-def _sha256_file(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-def _files_under(root: str, sub: str):
-    """Relative paths (``/``-separated) of every file under ``root/sub``, sorted."""
-    out = []
-    base = os.path.join(root, sub)
-    for r, dirs, files in os.walk(base):
-        dirs.sort()
-        for f in sorted(files):
-            out.append(os.path.relpath(os.path.join(r, f), root).replace(os.sep, "/"))
-    return out
-
-
 def _read_manifest(root: str) -> Optional[dict]:
     mp = os.path.join(root, MANIFEST_NAME)
     if not os.path.isfile(mp):
@@ -348,9 +327,9 @@ def write_manifest(root: str, subdirs=None) -> dict:
     subdirs = [d for d in _MANIFEST_DIRS if os.path.isdir(os.path.join(root, d))] if subdirs is None else subdirs
     for sub in subdirs:
         files = {k: v for k, v in files.items() if not k.startswith(sub + "/")}
-        for rel in _files_under(root, sub):
+        for rel in files_under(root, sub):
             full = os.path.join(root, rel)
-            files[rel] = {"sha256": _sha256_file(full), "size": os.path.getsize(full)}
+            files[rel] = {"sha256": sha256_file(full), "size": os.path.getsize(full)}
     manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "algorithm": "sha256",
                 "files": dict(sorted(files.items()))}
     write_text_atomic(os.path.join(root, MANIFEST_NAME), json.dumps(manifest, indent=1) + "\n")
@@ -377,23 +356,7 @@ def verify_checkpoint_files(path: str) -> bool:
     hint = (f"the checkpoint is damaged or was modified: restore the original files (the bundled one: git checkout "
             f"-- checkpoints/default) or, if you changed it on purpose, re-record the manifest with "
             f"mapreps_jax.pretrained.write_manifest({root!r})")
-    have = set(_files_under(root, sub))
-    for rel, rec in sorted(want.items()):
-        full = os.path.join(root, rel)
-        if rel not in have:
-            raise ValueError(f"{full}: missing file; {mp} records it ({rec.get('size')} bytes); {hint}")
-        size = os.path.getsize(full)
-        if size != rec.get("size"):
-            raise ValueError(f"{full}: expected {rec.get('size')} bytes as recorded in {mp}, got {size} bytes "
-                             f"(truncated or altered file); {hint}")
-        digest = _sha256_file(full)
-        if digest != rec.get("sha256"):
-            raise ValueError(f"{full}: SHA-256 mismatch: expected {rec.get('sha256')} as recorded in {mp}, got "
-                             f"{digest}; {hint}")
-    extra = sorted(have - set(want))
-    if extra:
-        raise ValueError(f"{os.path.join(root, extra[0])}: unexpected file, not recorded in {mp} "
-                         f"({len(extra)} in all); {hint}")
+    verify_file_records(root, sub, want, mp, hint)
     return True
 
 

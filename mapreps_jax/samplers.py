@@ -202,6 +202,13 @@ def _solve_meas(op, y, resid, c_aat, sigma_y, n_iter):
     return cg_solve(mv, resid, jnp.zeros_like(resid), axes, n_iter)
 
 
+def _check_guided(obj):
+    """Option checks shared by the conditional-score steps (PiGDM, DMPS)."""
+    _check_static(obj, "variance", _VARIANCES)
+    _check_numbers(obj, zeta=None, sigma_y=0.0, eta=0.0, noise_scale=0.0)
+    check_scalar(obj.cg_iters, "cg_iters", type(obj).__name__, lo=1, integer=True)
+
+
 def _guided_x0(x0, a_t, g, zeta):
     """Tweedie with the conditional score ``s + grad log p(y | x_t)``: ``x0 + zeta (1 - a) / sqrt(a) g``."""
     a = _bcast(a_t, x0)
@@ -235,10 +242,8 @@ class PiGDMStep:
     variance: str = dataclasses.field(default="ddim", metadata=dict(static=True))
 
     def __post_init__(self):
-        _check_static(self, "variance", _VARIANCES)
-        _check_numbers(self, zeta=None, sigma_y=0.0, eta=0.0, noise_scale=0.0)
+        _check_guided(self)
         check_scalar(self.data_var, "data_var", "PiGDMStep", lo=0.0, lo_inclusive=False)
-        check_scalar(self.cg_iters, "cg_iters", "PiGDMStep", lo=1, integer=True)
 
     def step(self, key, model, op, y, x, t, t_next, cond=None):
         _need_linear("PiGDMStep", op)
@@ -280,9 +285,7 @@ class DMPSStep:
     variance: str = dataclasses.field(default="ddim", metadata=dict(static=True))
 
     def __post_init__(self):
-        _check_static(self, "variance", _VARIANCES)
-        _check_numbers(self, zeta=None, sigma_y=0.0, eta=0.0, noise_scale=0.0)
-        check_scalar(self.cg_iters, "cg_iters", "DMPSStep", lo=1, integer=True)
+        _check_guided(self)
 
     def step(self, key, model, op, y, x, t, t_next, cond=None):
         _need_linear("DMPSStep", op)

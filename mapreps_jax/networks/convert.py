@@ -49,6 +49,7 @@ from typing import Dict, Mapping, Optional, Tuple
 import jax
 import numpy as np
 
+from ..integrity import file_records, sha256_file, verify_file_records
 from .adm import ADMConfig, param_shapes
 
 __all__ = [
@@ -254,17 +255,6 @@ def read_manifest(name: str) -> Dict[str, Tuple[int, ...]]:
 # checkpoints
 
 
-def sha256_file(path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
 def params_sha256(params) -> str:
     """SHA-256 over every leaf (path, dtype, shape, little-endian bytes), in path order."""
     h = hashlib.sha256()
@@ -310,47 +300,11 @@ def check_replaceable(dst, overwrite: bool) -> str:
     return dst
 
 
-def _file_records(root: str, sub: str) -> Dict[str, dict]:
-    out = {}
-    for r, dirs, files in os.walk(os.path.join(root, sub)):
-        dirs.sort()
-        for f in sorted(files):
-            full = os.path.join(r, f)
-            out[os.path.relpath(full, root).replace(os.sep, "/")] = {"sha256": sha256_file(full),
-                                                                    "size": os.path.getsize(full)}
-    return out
-
-
 def _verify_files(path: str, records: Dict[str, dict]) -> None:
     """Every recorded file present with its size and SHA-256, and no other file under ``params/``."""
     if not isinstance(records, dict):
         raise ValueError(f"{path}: meta.json 'files' must be an object, got {type(records).__name__}")
-    have = _file_records_names(path, "params")
-    for rel, rec in sorted(records.items()):
-        full = os.path.join(path, rel)
-        if rel not in have:
-            raise ValueError(f"{full}: missing file (recorded in meta.json, {rec.get('size')} bytes): corrupt "
-                             f"checkpoint; convert it again")
-        size = os.path.getsize(full)
-        if size != rec.get("size"):
-            raise ValueError(f"{full}: expected {rec.get('size')} bytes as recorded in meta.json, got {size} "
-                             f"(truncated or corrupt checkpoint); convert it again")
-        digest = sha256_file(full)
-        if digest != rec.get("sha256"):
-            raise ValueError(f"{full}: SHA-256 mismatch (corrupt checkpoint): expected {rec.get('sha256')} as "
-                             f"recorded in meta.json, got {digest}; convert it again")
-    extra = sorted(have - set(records))
-    if extra:
-        raise ValueError(f"{os.path.join(path, extra[0])}: unexpected file, not recorded in meta.json "
-                         f"({len(extra)} in all): corrupt or modified checkpoint")
-
-
-def _file_records_names(root: str, sub: str) -> set:
-    out = set()
-    for r, _, files in os.walk(os.path.join(root, sub)):
-        for f in files:
-            out.add(os.path.relpath(os.path.join(r, f), root).replace(os.sep, "/"))
-    return out
+    verify_file_records(path, "params", records, "meta.json", "corrupt checkpoint: convert it again")
 
 
 def _chmod_tree_umask(root: str) -> None:
@@ -412,7 +366,7 @@ def save_converted(dst, params, config: ADMConfig, source_sha256: Optional[str] 
         ckptr.save(os.path.join(tmp, "params"), params)
         ckptr.wait_until_finished()
         ckptr.close()
-        meta["files"] = _file_records(tmp, "params")
+        meta["files"] = file_records(tmp, "params")
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1, sort_keys=True)
         _chmod_tree_umask(tmp)
