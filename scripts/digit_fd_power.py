@@ -38,7 +38,10 @@ def main(argv=None) -> int:
     t0_top = cfg.t0[-1]
     sizes = [s for s in (16, 32, 64, 128, 256) if s <= a.n_images and a.n_images % s == 0]
     out = {"config": result["metrics"]["config"], "largest_t0": t0_top, "sizes": sizes, "tasks": {},
-           "clean": {}}
+           "clean": {},
+           # the whole run's RMSE (the demo test's criteria, on the same settings): MAP-RPS per t0, and DPS
+           "rmse": {name: {"map_rps": [pt["rmse"] for pt in r["map_rps"]], "dps": r["dps"]["rmse"]}
+                    for name, r in result["metrics"]["tasks"].items()}}
     truth = next(iter(result["images"].values()))["truth"]
     for s in sizes:
         out["clean"][s] = [float(digit_fd(truth[i:i + s])) for i in range(0, a.n_images, s)]
