@@ -24,7 +24,7 @@ from .model import ScoreModel
 from .rng import fold_keys, image_keys, normal, normal_like, split_keys
 from .rps_stage import reverse_loop, rps, subgrid_times
 from .samplers import DDPMStep, DPSStep
-from .validation import check_measurement, check_scalar, check_signal, check_t0
+from .validation import check_measurement, check_same_batch, check_scalar, check_signal, check_t0
 
 __all__ = ["prior_sample", "dps", "dps_average", "ccdf", "red_diff", "REDDiffConfig", "RED_DIFF_WEIGHTINGS", "red_diff_weight"]
 
@@ -163,9 +163,7 @@ def red_diff(key, model: ScoreModel, op, y, *, config: REDDiffConfig = REDDiffCo
     y = check_measurement(op, y, "red_diff")
     if x_init is not None:
         x_init = check_signal(op, x_init, "red_diff", "x_init")
-        if x_init.shape[0] != y.shape[0]:
-            raise ValueError(f"red_diff: x_init and y must have the same batch size; got {x_init.shape[0]} and "
-                             f"{y.shape[0]}")
+        check_same_batch(x_init, y, "x_init", "y", "red_diff")
     mu = op.x_init(y) if x_init is None else x_init
     keys = image_keys(key, y.shape[0], "red_diff")
     opt = optax.adam(config.lr, b1=0.9, b2=0.99)

@@ -175,16 +175,17 @@ def read_gray_png(path: str, expected_hw, what: str = "input") -> np.ndarray:
 
 
 def png_bytes(x) -> bytes:
-    """Encode one ``[H, W, 1]`` image in [-1, 1] as 8-bit grayscale PNG bytes."""
+    """Encode one ``[H, W, C]`` image in [-1, 1] (C = 1: grayscale, C = 3: RGB) as 8-bit PNG bytes."""
     import io
 
     from PIL import Image
 
     from .datasets import from_model_range
 
-    u8 = np.asarray(from_model_range(np.asarray(x)[None]))[0, ..., 0]
+    u8 = np.asarray(from_model_range(np.asarray(x)[None]))[0]
     buf = io.BytesIO()
-    Image.fromarray(u8, mode="L").save(buf, format="PNG")
+    Image.fromarray(u8[..., 0] if u8.shape[-1] == 1 else u8, mode="L" if u8.shape[-1] == 1 else "RGB").save(
+        buf, format="PNG")
     return buf.getvalue()
 
 

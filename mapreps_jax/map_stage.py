@@ -48,7 +48,7 @@ from .diffusion import safe_sqrt
 from .linalg import cg_solve
 from .model import ScoreModel
 from .rng import fold_keys, image_keys, normal_like
-from .validation import check_measurement, check_scalar, check_signal
+from .validation import check_measurement, check_same_batch, check_scalar, check_signal
 
 __all__ = ["MAPConfig", "MAPState", "map_estimate", "principled_weight", "cosine_lr", "safe_norm", "prox_data_fit",
            "MAP_SOLVERS"]
@@ -224,9 +224,7 @@ def map_estimate(key, model: ScoreModel, op, y, *, config: MAPConfig = MAPConfig
     check_scalar(sigma_y, "sigma_y (measurement noise std, [-1, 1] units)", "map_estimate", lo=0.0)
     if x_init is not None:
         x_init = check_signal(op, x_init, "map_estimate", "x_init")
-        if x_init.shape[0] != y.shape[0]:
-            raise ValueError(f"map_estimate: x_init and y must have the same batch size; got {x_init.shape[0]} and "
-                             f"{y.shape[0]}")
+        check_same_batch(x_init, y, "x_init", "y", "map_estimate")
     cfg = config
     prox = cfg.solver == "prox"
     if prox and not op.linear:

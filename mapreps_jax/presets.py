@@ -245,19 +245,6 @@ def read_image_png(path: str, shape: Sequence[int], what: str = "input"):
     return arr / 127.5 - 1.0
 
 
-def png_image_bytes(x) -> bytes:
-    """Encode one ``[H, W, C]`` image in [-1, 1] (C = 1 or 3) as 8-bit PNG bytes."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    u8 = np.clip(np.round((np.asarray(x, np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(u8[..., 0] if u8.shape[-1] == 1 else u8).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def restore_preset_files(model, preset: Union[str, Preset], input_path: str, t0s: Optional[Sequence[int]] = None, *,
                          observed: bool = False, seed: int = 0, image_shape: Optional[Sequence[int]] = None):
     """``mapreps restore --preset NAME``: restore one image with a preset on a converted network; returns
@@ -270,6 +257,8 @@ def restore_preset_files(model, preset: Union[str, Preset], input_path: str, t0s
     """
     import jax
     import jax.numpy as jnp
+
+    from .digits import png_bytes
 
     p = get_preset(preset)
     t0s = list(p.t0s if t0s is None else t0s)
@@ -287,7 +276,7 @@ def restore_preset_files(model, preset: Union[str, Preset], input_path: str, t0s
     res = restore_with_preset(k_run, model, p, y, t0s, op=op)
     files = {}
     if len(op.out_shape) == 3:
-        files["measurement.png"] = png_image_bytes(jnp.clip(op.x_init(y)[0], -1.0, 1.0))
+        files["measurement.png"] = png_bytes(jnp.clip(op.x_init(y)[0], -1.0, 1.0))
     for t0, out in zip(res.t0, res.outputs):
-        files[f"restored_t0_{int(t0)}.png"] = png_image_bytes(jnp.clip(out[0], -1.0, 1.0))
+        files[f"restored_t0_{int(t0)}.png"] = png_bytes(jnp.clip(out[0], -1.0, 1.0))
     return files

@@ -27,7 +27,7 @@ from .diffusion import renoise
 from .model import ScoreModel
 from .rng import fold_keys, image_keys, split_keys
 from .samplers import DPSStep
-from .validation import check_measurement, check_scalar, check_signal, check_t0
+from .validation import check_measurement, check_same_batch, check_scalar, check_signal, check_t0
 
 __all__ = ["rps", "reverse_loop", "subgrid_times", "stage2_nfe"]
 
@@ -105,8 +105,7 @@ def rps(key, model: ScoreModel, op, y, x_init, t0, *, sampler=DPSStep(), cond=No
     where = "rps"
     y = check_measurement(op, y, where)
     x_init = check_signal(op, x_init, where, "x_init")
-    if y.shape[0] != x_init.shape[0]:
-        raise ValueError(f"{where}: y and x_init must have the same batch size; got {y.shape[0]} and {x_init.shape[0]}")
+    check_same_batch(y, x_init, "y", "x_init", where)
     t0 = check_t0(t0, model.T, where, continuous)
     t0c = None if continuous else concrete_int(t0)
     if n_steps is not None:

@@ -132,7 +132,8 @@ def test_restore_cli_with_a_preset_on_a_converted_network(tmp_path, capsys):
 
     from mapreps_jax.cli import main
     from mapreps_jax.networks import save_converted
-    from mapreps_jax.presets import png_image_bytes, read_image_png, restore_preset_files
+    from mapreps_jax.digits import png_bytes
+    from mapreps_jax.presets import read_image_png, restore_preset_files
 
     cfg = mr.ADMConfig.tiny(channel_mult=(1,), attention_resolutions=(16,))
     params = mr.init_adm_params(jax.random.PRNGKey(0), cfg)
@@ -150,7 +151,7 @@ def test_restore_cli_with_a_preset_on_a_converted_network(tmp_path, capsys):
     k_meas, k_run = jax.random.split(jax.random.PRNGKey(0))
     y = op.measure(k_meas, jnp.asarray(img / 127.5 - 1.0, jnp.float32)[None], p.sigma_y)
     ref = restore_with_preset(k_run, model, p, y, [0, 2], op=op)
-    assert files["restored_t0_2.png"] == png_image_bytes(jnp.clip(ref.outputs[1, 0], -1, 1))
+    assert files["restored_t0_2.png"] == png_bytes(jnp.clip(ref.outputs[1, 0], -1, 1))
     # the CLI: a missing model folder is one clear error naming how to get the weights; no output written
     out = tmp_path / "out"
     rc = main(["restore", "--preset", "ffhq-sr4", "--model", str(tmp_path / "nope"), "--input",
