@@ -4,6 +4,7 @@
 Where things live:
   diffusion.py   schedules, alpha_bar (integer and real t), Tweedie, DDPM/DDIM steps
   model.py       the score-model contract ``eps_fn(params, x_t, t, cond)`` (:class:`ScoreModel`)
+  space.py       where the state lives (pixels or a latent space: encode/decode) and the one data fit y - A(D(z))
   operators.py   forward operators (pure functions + pytree of fixed data)
   priors.py      exact Gaussian / GMM priors with closed-form posteriors (the testbed)
   map_stage.py   Stage 1: MAP estimate (optax AdamW, or proximal gradient for linear A)
@@ -25,13 +26,15 @@ from .diffusion import (Schedule, make_schedule, t_for_noise_std, alpha_bar, log
                         ddim_sigma_log, ddim_step, posterior_variance, learned_range_std, linear_betas,
                         scaled_linear_betas, ldm_linear_betas)
 from .model import ScoreModel, from_eps_fn
+from .space import Space, PIXEL, latent_space, Problem
 from .rng import image_keys, fold_keys, split_keys
 from .operators import Operator, make_operator, custom_operator, stack_operators, TASKS
 from .priors import (GaussianPrior, GMMPrior, GaussianPosterior, GMMPosterior, SVDGains, operator_matrix, gaussian_w2, gaussian_fit, ideal_dp_curve, oracle_map_rps_dp,
                      stage1_fixed_point, svd_gains)
-from .map_stage import MAPConfig, map_estimate, principled_weight, prox_data_fit
-from .samplers import DPSStep, DDPMStep, DDNMStep, PiGDMStep, DMPSStep, SAMPLERS, make_sampler
-from .rps_stage import rps, reverse_loop, subgrid_times, stage2_nfe
+from .map_stage import MAPConfig, MAPInfo, map_estimate, map_estimate_trace, principled_weight, prox_data_fit
+from .samplers import (DPSStep, DDPMStep, DDNMStep, PiGDMStep, DMPSStep, SAMPLERS, make_sampler, SamplerState,
+                       StepInfo)
+from .rps_stage import rps, rps_trace, reverse_loop, subgrid_times, stage2_nfe
 from .continuous import rps_sde
 from .map_rps import map_rps, dp_sweep, SweepResult
 from .baselines import prior_sample, dps, dps_average, ccdf, red_diff, REDDiffConfig, RED_DIFF_WEIGHTINGS

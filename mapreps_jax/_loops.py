@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["bounded_loop", "concrete_int"]
+__all__ = ["bounded_loop", "bounded_scan", "masked_step", "concrete_int"]
 
 
 def concrete_int(n):
@@ -28,6 +28,46 @@ def concrete_int(n):
     return None
 
 
+def masked_step(active, step, carry, collect: bool):
+    """``step(carry) -> (carry, out)`` when ``active`` else ``(carry, zeros like out)`` (a ``lax.cond``).
+
+    Without ``collect`` the step's ``out`` is dropped (``step`` may return ``None`` for it) and nothing is traced
+    twice; with it, the zero branch is built from ``jax.eval_shape`` of the step (one more trace of the step)."""
+    if not collect:
+        return lax.cond(active, lambda c: (step(c)[0], None), lambda c: (c, None), carry)
+    shapes = jax.eval_shape(lambda c: step(c)[1], carry)
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return lax.cond(active, step, lambda c: (c, zeros), carry)
+
+
+def bounded_scan(body, carry, n, max_n=None, collect: bool = True):
+    """``carry, out_k = body(k, carry)`` for ``k = 0, ..., n - 1``; returns ``(carry, outs)`` with ``outs`` stacked
+    over a static number of steps: ``max_n`` (the entries past ``n`` are zeros) or the concrete ``n``.
+
+    A traced ``n`` needs ``max_n`` here (use :func:`bounded_loop` to run a traced number of steps without
+    outputs). Without ``collect`` the outputs are dropped (``outs`` is ``None``)."""
+    if max_n is None:
+        n_static = concrete_int(n)
+        if n_static is None:
+            raise ValueError("bounded_scan: a traced number of steps needs max_n (a static bound) to stack outputs")
+        if n_static <= 0:
+            return carry, None
+
+        def scan_body(c, k):
+            c, out = body(k, c)
+            return c, (out if collect else None)
+
+        return lax.scan(scan_body, carry, jnp.arange(n_static, dtype=jnp.int32))
+    max_n = int(max_n)
+    if max_n <= 0:
+        return carry, None
+
+    def masked(c, k):
+        return masked_step(k < n, lambda cc: body(k, cc), c, collect)
+
+    return lax.scan(masked, carry, jnp.arange(max_n, dtype=jnp.int32))
+
+
 def bounded_loop(body, carry, n, max_n=None):
     """Run ``carry = body(k, carry)`` for ``k = 0, ..., n - 1``.
 
@@ -40,24 +80,6 @@ def bounded_loop(body, carry, n, max_n=None):
 
     In every case the body is traced once, so compile time does not grow with the number of steps.
     """
-    n_static = concrete_int(n)
-    if max_n is not None:
-        max_n = int(max_n)
-        if max_n <= 0:
-            return carry
-
-        def scan_body(c, k):
-            return lax.cond(k < n, lambda cc: body(k, cc), lambda cc: cc, c), None
-
-        carry, _ = lax.scan(scan_body, carry, jnp.arange(max_n, dtype=jnp.int32))
-        return carry
-    if n_static is not None:
-        if n_static <= 0:
-            return carry
-
-        def scan_body(c, k):
-            return body(k, c), None
-
-        carry, _ = lax.scan(scan_body, carry, jnp.arange(n_static, dtype=jnp.int32))
-        return carry
+    if max_n is not None or concrete_int(n) is not None:
+        return bounded_scan(lambda k, c: (body(k, c), None), carry, n, max_n, collect=False)[0]
     return lax.fori_loop(jnp.int32(0), jnp.asarray(n, jnp.int32), body, carry)

@@ -8,11 +8,14 @@
 * :func:`red_diff`: RED-diff (Mardani et al. 2023), a variational optimisation of ``mu``:
   ``x_t = sqrt(a) mu + sqrt(1-a) eps``, ``e = sg(eps_fn(x_t, t))`` and one Adam step on
   ``mean((y - A mu)^2)/2 + lambda w(t) mean(sg(e - eps) * mu)`` for each ``t`` of a descending grid of ``S`` steps.
+
+Each runs in the model's space (:mod:`mapreps_jax.space`): for a latent diffusion model DPS starts from ``N(0, I)``
+latents (Latent-DPS), CCDF from ``E(A_pinv y)``, RED-diff optimises a latent ``mu`` against ``y - A(D(mu))``; the
+outputs are states (``model.decode`` gives images).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Optional
 
 import jax
@@ -20,11 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .config import pytree_config, static
 from .model import ScoreModel
 from .rng import fold_keys, image_keys, normal, normal_like, split_keys
 from .rps_stage import reverse_loop, rps, subgrid_times
 from .samplers import DDPMStep, DPSStep
-from .validation import check_measurement, check_same_batch, check_scalar, check_signal, check_t0
+from .space import Problem
+from .validation import check_measurement, check_same_batch, check_scalar, check_state, check_t0
 
 __all__ = ["prior_sample", "dps", "dps_average", "ccdf", "red_diff", "REDDiffConfig", "RED_DIFF_WEIGHTINGS", "red_diff_weight"]
 
@@ -45,7 +50,7 @@ def dps(key, model: ScoreModel, op, y, *, sampler=None, cond=None, n_steps: Opti
     """DPS: ``x_{T-1} ~ N(0, I)``, then the DPS step for all ``T`` steps (or a ``K``-step sub-grid: DPS-S).
 
     ``sampler`` overrides the default ``DPSStep(zeta, noise_scale=noise_scale, clip=clip)``; ``noise_scale < 1`` is
-    VSDPS. Returns ``[B, *op.in_shape]``.
+    VSDPS. Returns ``[B, *state_shape]`` (``op.in_shape`` in pixel space).
     """
     y = check_measurement(op, y, "dps")
     if sampler is None:
@@ -53,7 +58,7 @@ def dps(key, model: ScoreModel, op, y, *, sampler=None, cond=None, n_steps: Opti
     if n_steps is not None:
         check_scalar(n_steps, "n_steps", "dps", lo=1, integer=True)
     k0, k1 = split_keys(image_keys(key, y.shape[0], "dps"))
-    x = normal(k0, op.in_shape, y.dtype)  # float64 measurements give a float64 run
+    x = normal(k0, Problem(model, op, y).state_shape(), y.dtype)  # float64 measurements give a float64 run
     return reverse_loop(k1, model, op, y, x, model.T - 1, sampler=sampler, cond=cond, n_steps=n_steps)
 
 
@@ -69,10 +74,11 @@ def dps_average(key, model: ScoreModel, op, y, n_samples: int, **kwargs):
 
 def ccdf(key, model: ScoreModel, op, y, t0, *, sampler=DPSStep(), cond=None, n_steps: Optional[int] = None,
          max_steps: Optional[int] = None):
-    """CCDF-style RPS: :func:`~mapreps_jax.rps_stage.rps` from ``op.x_init(y)`` (``A_pinv y``)."""
+    """CCDF-style RPS: :func:`~mapreps_jax.rps_stage.rps` from ``E(op.x_init(y))`` (``A_pinv y``, encoded for a
+    latent model)."""
     y = check_measurement(op, y, "ccdf")
     check_t0(t0, model.T, "ccdf")
-    return rps(key, model, op, y, op.x_init(y), t0, sampler=sampler, cond=cond, n_steps=n_steps,
+    return rps(key, model, op, y, Problem(model, op, y, cond).x_init(), t0, sampler=sampler, cond=cond, n_steps=n_steps,
                max_steps=max_steps)
 
 
@@ -104,7 +110,7 @@ def red_diff_weight(a, weighting: str = "linear"):
 RED_DIFF_GRIDS = ("clean", "nvlabs")
 
 
-@dataclasses.dataclass(frozen=True)
+@pytree_config
 class REDDiffConfig:
     """RED-diff hyper-parameters (numbers are traceable leaves; ``n_steps``/``weighting``/``grid``/``return_before_last``
     static).
@@ -120,10 +126,10 @@ class REDDiffConfig:
     lam: Any = 0.25
     lr: Any = 0.25
     obs_weight: Any = 1.0
-    n_steps: int = 1000
-    weighting: str = "linear"
-    grid: str = "clean"
-    return_before_last: bool = False
+    n_steps: int = static(1000)
+    weighting: str = static("linear")
+    grid: str = static("clean")
+    return_before_last: bool = static(False)
 
     def __post_init__(self):
         if self.weighting not in RED_DIFF_WEIGHTINGS:
@@ -154,17 +160,14 @@ class REDDiffConfig:
         return subgrid_times(T - 1, self.n_steps)[0]
 
 
-jax.tree_util.register_dataclass(REDDiffConfig, data_fields=["lam", "lr", "obs_weight"],
-                                 meta_fields=["n_steps", "weighting", "grid", "return_before_last"])
-
-
 def red_diff(key, model: ScoreModel, op, y, *, config: REDDiffConfig = REDDiffConfig(), cond=None, x_init=None):
     """RED-diff (see module doc). Per-image means (so images of a batch do not interact). NFE = ``n_steps``."""
     y = check_measurement(op, y, "red_diff")
+    problem = Problem(model, op, y, cond)
     if x_init is not None:
-        x_init = check_signal(op, x_init, "red_diff", "x_init")
+        x_init = check_state(model, op, x_init, "red_diff", "x_init")
         check_same_batch(x_init, y, "x_init", "y", "red_diff")
-    mu = op.x_init(y) if x_init is None else x_init
+    mu = problem.x_init() if x_init is None else x_init
     keys = image_keys(key, y.shape[0], "red_diff")
     opt = optax.adam(config.lr, b1=0.9, b2=0.99)
     times = config.times(model.T)
@@ -172,7 +175,7 @@ def red_diff(key, model: ScoreModel, op, y, *, config: REDDiffConfig = REDDiffCo
     axes_x = tuple(range(1, mu.ndim))
 
     def loss_fn(m, e_minus_eps, wt):
-        r = y - op.A(m)
+        r = problem.residual(m)
         fit = jnp.mean(r * r, axis=axes_y) / 2.0
         reg = jnp.mean(e_minus_eps * m, axis=axes_x)
         return jnp.sum(config.obs_weight * fit + config.lam * wt * reg)

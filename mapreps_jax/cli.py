@@ -6,6 +6,8 @@
 ``mapreps testbed-demo`` a D-P sweep on an exact prior, plotted with the ideal (closed-form) curve.
 ``mapreps restore ...``  restores a 32x32 grayscale image with the bundled digits prior (one PNG per t0).
 ``mapreps convert adm``  converts a public guided-diffusion checkpoint to Flax (:mod:`mapreps_jax.networks.convert`).
+``mapreps convert sd`` / ``ldm-ffhq``  converts Stable Diffusion 1.5 (diffusers folder) or the CompVis LDM FFHQ-256
+                         checkpoint to a latent model (:mod:`mapreps_jax.networks.latent`).
 
 Errors: bad input, a missing or damaged checkpoint, an unwritable output (OSError) or a file that would exhaust
 memory or recursion print one line ``mapreps <command>: error: ...`` on stderr and exit with status 2 (1 for
@@ -362,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous restore output in --out")
     p.set_defaults(func=cmd_restore)
-    sub.add_parser("convert", help="convert a public PyTorch checkpoint (mapreps convert adm --help)", add_help=False)
+    sub.add_parser("convert", help="convert a public PyTorch checkpoint (mapreps convert adm|sd|ldm-ffhq --help)",
+                   add_help=False)
     return parser
 
 

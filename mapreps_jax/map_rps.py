@@ -5,6 +5,9 @@ estimate itself), ``t0 = T`` is plain DPS. :func:`dp_sweep` runs Stage 1 ONCE an
 compiled Stage-2 function (``t0`` is traced), so a sweep costs ``NFE = N + sum(t0)`` network evaluations
 (``vectorize=True`` instead evaluates all ``t0`` in one ``vmap``-ed call, costing ``N + len(t0) * max(t0)``).
 The same Stage-2 key is used for every ``t0`` (common random numbers: the curve's points differ by ``t0`` only).
+
+With a latent diffusion model both stages run on latents (LMAP-RPS) and the outputs here are the decoded images
+(the pixel-space identity leaves pixel results unchanged).
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ from .model import ScoreModel
 from .rng import image_keys, split_keys
 from .rps_stage import rps, stage2_nfe
 from .samplers import DPSStep
-from .validation import check_measurement, check_same_batch, check_scalar, check_signal, check_t0
+from .validation import check_measurement, check_same_batch, check_scalar, check_signal, check_state, check_t0
 
 __all__ = ["map_rps", "dp_sweep", "SweepResult", "map_estimate_jit", "rps_jit"]
 
-map_estimate_jit = jax.jit(map_estimate, static_argnames=("return_trace",))
+map_estimate_jit = jax.jit(map_estimate)
 rps_jit = jax.jit(rps, static_argnames=("n_steps", "continuous", "max_steps"))
 
 
@@ -43,12 +46,14 @@ def map_rps(key, model: ScoreModel, op, y, t0, *, map_config: MAPConfig = MAPCon
             sigma_y=None, cond=None, n_steps: Optional[int] = None, max_steps: Optional[int] = None):
     """MAP-RPS at one ``t0``: Stage 1 (:func:`~mapreps_jax.map_stage.map_estimate`) then Stage 2
     (:func:`~mapreps_jax.rps_stage.rps`). Keys (one or ``[B]``, :mod:`mapreps_jax.rng`): image ``i``'s Stage 1 uses
-    ``split(keys[i])[0]``, its Stage 2 ``split(keys[i])[1]``."""
+    ``split(keys[i])[0]``, its Stage 2 ``split(keys[i])[1]``. Returns images ``[B, *op.in_shape]`` (decoded for a
+    latent model)."""
     y = check_measurement(op, y, "map_rps")
     check_t0(t0, model.T, "map_rps")  # before Stage 1, so a bad t0 fails before the work
     k1, k2 = split_keys(image_keys(key, jnp.shape(y)[0], "map_rps"))
     x_map = map_estimate(k1, model, op, y, config=map_config, sigma_y=sigma_y, cond=cond)
-    return rps(k2, model, op, y, x_map, t0, sampler=sampler, cond=cond, n_steps=n_steps, max_steps=max_steps)
+    return model.decode(rps(k2, model, op, y, x_map, t0, sampler=sampler, cond=cond, n_steps=n_steps,
+                            max_steps=max_steps))
 
 
 class SweepResult(NamedTuple):
@@ -56,8 +61,8 @@ class SweepResult(NamedTuple):
 
     Attributes:
       t0: ``[n]`` the re-noising times.
-      x_map: ``[B, *in_shape]`` the Stage-1 estimate (shared by all ``t0``).
-      outputs: ``[n, B, *in_shape]`` MAP-RPS outputs per ``t0``.
+      x_map: ``[B, *in_shape]`` the Stage-1 estimate (shared by all ``t0``; decoded for a latent model).
+      outputs: ``[n, B, *in_shape]`` MAP-RPS outputs per ``t0`` (images; decoded for a latent model).
       nfe: dict with ``stage1`` (N), ``stage2`` (list per ``t0``) and ``total`` network evaluations per image.
       sq_err: ``[n, B]`` summed squared error ``|x_hat - x|^2`` (when ``x_true`` was given, else ``None``).
       rmse, psnr: ``[n, B]`` image metrics on [0, 1] (when ``x_true`` was given and inputs are images).
@@ -82,7 +87,8 @@ def dp_sweep(key, model: ScoreModel, op, y, t0s: Sequence[int], *, map_config: M
 
     Keys (one or ``[B]``, :mod:`mapreps_jax.rng`): image ``i``'s Stage 1 uses ``split(keys[i])[0]``, its Stage 2
     ``split(keys[i])[1]`` (the same for every ``t0``). ``x_map`` may be given
-    to skip Stage 1 (e.g. CCDF: pass ``op.x_init(y)``; the oracle sweep of the testbed: the exact posterior mean).
+    to skip Stage 1 (a state of the model's space, e.g. CCDF: pass ``model.encode(op.x_init(y))``; the oracle sweep
+    of the testbed: the exact posterior mean).
     ``progress`` is an optional callable ``progress(i, n)``, called with ``i = 0`` when Stage 1 is done (also when it
     was skipped) and with ``i`` after the ``i``-th of the ``n`` ``t0`` values.
     """
@@ -96,7 +102,7 @@ def dp_sweep(key, model: ScoreModel, op, y, t0s: Sequence[int], *, map_config: M
         x_true = check_signal(op, x_true, "dp_sweep", "x_true")
         check_same_batch(x_true, y, "x_true", "y", "dp_sweep")
     if x_map is not None:
-        x_map = check_signal(op, x_map, "dp_sweep", "x_map")
+        x_map = check_state(model, op, x_map, "dp_sweep", "x_map")
         check_same_batch(x_map, y, "x_map", "y", "dp_sweep")
     k1, k2 = split_keys(image_keys(key, y.shape[0], "dp_sweep"))
     t_start = time.perf_counter()
@@ -129,6 +135,8 @@ def dp_sweep(key, model: ScoreModel, op, y, t0s: Sequence[int], *, map_config: M
                 progress(i + 1, len(t0s))
         outputs = jnp.stack(outs)
     seconds["stage2"] = time.perf_counter() - t_start
+    if not model.space.is_pixel:
+        x_map, outputs = model.decode(x_map), jax.vmap(model.decode)(outputs)
     stage2 = [stage2_nfe(t, n_steps) for t in t0s]
     nfe = {"stage1": n1, "stage2": stage2, "total": n1 + int(sum(stage2))}
     if vectorize:

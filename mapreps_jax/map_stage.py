@@ -29,6 +29,12 @@ eigenvalue of ``d E_n[e] / dx`` (for a Gaussian prior ``N(mu, S)``: ``sqrt(a (1 
 ``sqrt(a / (1 - a))``, approached by priors concentrated near low-dimensional sets such as images), and converges
 fastest near ``eta w lambda_max = 1``. The digits presets use ``eta w`` of 0.35 to 2 times ``sqrt((1 - a) / a)``.
 
+Spaces (:mod:`mapreps_jax.space`): the iterate lives in the model's space; with a latent diffusion model this is
+LMAP (``z`` the latent, ``L(z) = ||y - A(D(z))||^2 + w <sg(eps(sqrt(a) z + sqrt(1 - a) n, t1)), z>``, started at
+``E(A_pinv y)``; AdamW only, the proximal step needs ``A`` linear in the state). The data fit is
+``Problem.data_fit``, the one every algorithm uses. :func:`map_estimate_trace` also returns each step's
+:class:`MAPInfo` (the data fit of the iterate), collected as scan outputs.
+
 Units: images in [-1, 1]; ``sigma_y`` in the same units; ``t1`` a (real) diffusion step index; ``eta`` in units of
 ``x`` per unit of the gradient of ``L``. Each image of the batch is optimised independently (per-image losses are
 summed; AdamW is element-wise; the conjugate-gradient inner products are per image).
@@ -36,22 +42,23 @@ summed; AdamW is element-wise; the conjugate-gradient inner products are per ima
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from ._loops import bounded_loop
+from ._loops import bounded_loop, bounded_scan
 from .diffusion import safe_sqrt
+from .config import pytree_config, static
 from .linalg import cg_solve
 from .model import ScoreModel
 from .rng import fold_keys, image_keys, normal_like
-from .validation import check_measurement, check_same_batch, check_scalar, check_signal
+from .space import Problem
+from .validation import check_measurement, check_same_batch, check_scalar, check_state
 
-__all__ = ["MAPConfig", "MAPState", "map_estimate", "principled_weight", "cosine_lr", "safe_norm", "prox_data_fit",
-           "MAP_SOLVERS"]
+__all__ = ["MAPConfig", "MAPState", "MAPInfo", "map_estimate", "map_estimate_trace", "principled_weight", "cosine_lr",
+           "safe_norm", "prox_data_fit", "MAP_SOLVERS"]
 
 MAP_SOLVERS = ("adamw", "prox")
 
@@ -77,11 +84,7 @@ def safe_norm(r, axes):
     return safe_sqrt(jnp.sum(r * r, axis=axes))
 
 
-def _event_axes(x, op):
-    return tuple(range(x.ndim - len(op.out_shape), x.ndim))
-
-
-@dataclasses.dataclass(frozen=True)
+@pytree_config
 class MAPConfig:
     """Stage-1 hyper-parameters. Numeric fields are pytree leaves (traceable: ``grad``/``vmap`` over them).
 
@@ -113,10 +116,10 @@ class MAPConfig:
     r2: Any = None
     prox_step: Any = 1.0
     average: Any = 0
-    stable: bool = dataclasses.field(default=False, metadata=dict(static=True))
-    max_iter: Optional[int] = dataclasses.field(default=None, metadata=dict(static=True))
-    solver: str = dataclasses.field(default="adamw", metadata=dict(static=True))
-    cg_iters: int = dataclasses.field(default=20, metadata=dict(static=True))
+    stable: bool = static(False)
+    max_iter: Optional[int] = static(None)
+    solver: str = static("adamw")
+    cg_iters: int = static(20)
 
     def __post_init__(self):
         if isinstance(self.w, str) and self.w != "auto":
@@ -143,32 +146,17 @@ class MAPConfig:
             check_scalar(self.max_iter, "max_iter", w, lo=1, integer=True)
 
 
-# ``w`` is a leaf unless it is the string "auto"; a str leaf would break tracing, so flatten it statically.
-def _mapconfig_flatten(c):
-    w_static = c.w if isinstance(c.w, str) else None
-    leaves = (c.t1, None if w_static else c.w, c.n_iter, c.lr, c.lr_min, c.weight_decay, c.r2, c.prox_step, c.average)
-    return leaves, (w_static, c.stable, c.max_iter, c.solver, c.cg_iters)
-
-
-def _mapconfig_unflatten(aux, leaves):
-    w_static, stable, max_iter, solver, cg_iters = aux
-    t1, w, n_iter, lr, lr_min, wd, r2, prox_step, average = leaves
-    obj = object.__new__(MAPConfig)
-    for k, v in dict(t1=t1, w=w_static if w_static else w, n_iter=n_iter, lr=lr, lr_min=lr_min,
-                     weight_decay=wd, r2=r2, prox_step=prox_step, average=average, stable=stable,
-                     max_iter=max_iter, solver=solver, cg_iters=cg_iters).items():
-        object.__setattr__(obj, k, v)
-    return obj
-
-
-jax.tree_util.register_pytree_node(MAPConfig, _mapconfig_flatten, _mapconfig_unflatten)
-
-
 class MAPState(NamedTuple):
     """Carried from step to step: the iterate and the optax state."""
 
     x: jax.Array
     opt_state: Any
+
+
+class MAPInfo(NamedTuple):
+    """What a Stage-1 step reports: ``data_fit`` (``[B]``), ``||y - A(D(x))||^2`` of the new iterate."""
+
+    data_fit: jax.Array
 
 
 def _resolve_w(cfg: MAPConfig, a, sigma_y):
@@ -201,7 +189,7 @@ def prox_data_fit(op, y, v, eta, n_iter: int = 20, aty=None):
 
 
 def map_estimate(key, model: ScoreModel, op, y, *, config: MAPConfig = MAPConfig(), sigma_y=None, x_init=None,
-                 cond=None, return_trace: bool = False):
+                 cond=None):
     """Stage 1: ``x_MAP`` for a batch of measurements ``y`` (``[B, *op.out_shape]``).
 
     Args:
@@ -212,33 +200,52 @@ def map_estimate(key, model: ScoreModel, op, y, *, config: MAPConfig = MAPConfig
       y: measurements, ``[B, *op.out_shape]``.
       config: :class:`MAPConfig`.
       sigma_y: measurement noise std ([-1, 1] units), needed for ``w="auto"``.
-      x_init: optional start (default ``op.x_init(y)``, the pseudo-inverse for linear operators).
+      x_init: optional start in the model's space (default ``E(op.x_init(y))``: the pseudo-inverse for linear
+        operators, encoded for a latent model).
       cond: conditioning passed to the model.
-      return_trace: also return the per-step data-fit loss ``||y - A x||^2`` of the iterate (``[max_iter or N,
-        B]``; needs a concrete ``n_iter`` or ``max_iter``).
 
-    Returns ``x`` with shape ``[B, *op.in_shape]`` (the mean of the last ``config.average`` iterates when that is
-    positive), and the trace when asked.
+    Returns ``x`` with shape ``[B, *state_shape]`` (``op.in_shape`` in pixel space, the latent shape for a latent
+    model; the mean of the last ``config.average`` iterates when that is positive).
     """
-    y = check_measurement(op, y, "map_estimate")
-    check_scalar(sigma_y, "sigma_y (measurement noise std, [-1, 1] units)", "map_estimate", lo=0.0)
+    return _map(key, model, op, y, config, sigma_y, x_init, cond, None, "map_estimate")
+
+
+def map_estimate_trace(key, model: ScoreModel, op, y, *, config: MAPConfig = MAPConfig(), sigma_y=None,
+                       x_init=None, cond=None, collect=None):
+    """:func:`map_estimate` that also returns a trace: ``(x, trace)``, ``trace`` the values of
+    ``collect(state, info)`` (default: each step's :class:`MAPInfo`, ``data_fit [S, B]``) stacked over
+    ``S = max_iter`` (zeros past ``n_iter``) or the concrete ``n_iter`` steps."""
+    if collect is None:
+        collect = _keep_info
+    return _map(key, model, op, y, config, sigma_y, x_init, cond, collect, "map_estimate_trace")
+
+
+def _keep_info(state, info):
+    return info
+
+
+def _map(key, model, op, y, cfg, sigma_y, x_init, cond, collect, where):
+    y = check_measurement(op, y, where)
+    check_scalar(sigma_y, "sigma_y (measurement noise std, [-1, 1] units)", where, lo=0.0)
     if x_init is not None:
-        x_init = check_signal(op, x_init, "map_estimate", "x_init")
-        check_same_batch(x_init, y, "x_init", "y", "map_estimate")
-    cfg = config
+        x_init = check_state(model, op, x_init, where, "x_init")
+        check_same_batch(x_init, y, "x_init", "y", where)
+    problem = Problem(model, op, y, cond)
     prox = cfg.solver == "prox"
     if prox and not op.linear:
-        raise ValueError(f"map_estimate: solver='prox' needs a linear operator (it solves the data term with A^T); "
+        raise ValueError(f"{where}: solver='prox' needs a linear operator (it solves the data term with A^T); "
                          f"{op.name!r} is nonlinear: use solver='adamw'")
-    x = op.x_init(y) if x_init is None else x_init
-    keys = image_keys(key, y.shape[0], "map_estimate")
+    if prox and not problem.space.is_pixel:
+        raise ValueError(f"{where}: solver='prox' needs the data term linear in the state; {model.name!r} runs in "
+                         f"the {problem.space.name!r} space (y - A(D(z)) is not linear in z): use solver='adamw'")
+    x = problem.x_init() if x_init is None else x_init
+    keys = image_keys(key, y.shape[0], where)
     t1 = jnp.asarray(cfg.t1, jnp.float32)
     a = model.alpha_bar(t1)
     if a.ndim:  # one t1 per image ([B]): broadcast over the event axes
         a = a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
     w = _resolve_w(cfg, a, sigma_y)
     n_iter = cfg.n_iter
-    axes = _event_axes(y, op)
     average = jnp.asarray(cfg.average, jnp.int32)
 
     def schedule(count):
@@ -254,8 +261,7 @@ def map_estimate(key, model: ScoreModel, op, y, *, config: MAPConfig = MAPConfig
         aty = op.AT(y)
 
     def loss_fn(x, e):
-        r = y - op.A(x)
-        fit = safe_norm(r, axes) if cfg.stable else jnp.sum(r * r, axis=axes)
+        fit = problem.data_fit(x, "norm" if cfg.stable else "sq")
         return jnp.sum(fit) + jnp.sum(w * e * x), fit
 
     def body(k, carry):
@@ -272,7 +278,8 @@ def map_estimate(key, model: ScoreModel, op, y, *, config: MAPConfig = MAPConfig
             g, _ = jax.grad(loss_fn, has_aux=True)(state.x, e)
             updates, opt_state = opt.update(g, state.opt_state, state.x)
             state = MAPState(optax.apply_updates(state.x, updates), opt_state)
-        return state, jnp.where(k >= n_iter - average, x_sum + state.x, x_sum)
+        carry = (state, jnp.where(k >= n_iter - average, x_sum + state.x, x_sum))
+        return carry, (collect(state, MAPInfo(problem.data_fit(state.x))) if collect is not None else None)
 
     def result(carry):
         state, x_sum = carry
@@ -280,15 +287,7 @@ def map_estimate(key, model: ScoreModel, op, y, *, config: MAPConfig = MAPConfig
         return jnp.where(average > 0, x_sum / m, state.x)
 
     carry = (MAPState(x, () if prox else opt.init(x)), jnp.zeros_like(x))
-    if not return_trace:
-        return result(bounded_loop(body, carry, n_iter, cfg.max_iter))
-
-    length = cfg.max_iter if cfg.max_iter is not None else int(n_iter)
-
-    def scan_body(c, k):
-        c = jax.lax.cond(k < n_iter, lambda cc: body(k, cc), lambda cc: cc, c)
-        r = y - op.A(c[0].x)
-        return c, jnp.sum(r * r, axis=axes)
-
-    carry, trace = jax.lax.scan(scan_body, carry, jnp.arange(length, dtype=jnp.int32))
+    if collect is None:
+        return result(bounded_loop(lambda k, c: body(k, c)[0], carry, n_iter, cfg.max_iter))
+    carry, trace = bounded_scan(body, carry, n_iter, cfg.max_iter)
     return result(carry), trace

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from .diffusion import Schedule, alpha_bar, t_for_noise_std, tweedie
+from .space import PIXEL, Space
 
 __all__ = ["ScoreModel"]
 
@@ -38,6 +39,8 @@ class ScoreModel:
       apply: static ``apply(params, x_t, t, cond) -> eps`` or ``-> (eps, v)`` when ``learned_variance``.
       learned_variance: static; whether ``apply`` also returns learned-range variance channels.
       name: static, for messages.
+      space: the :class:`~mapreps_jax.space.Space` the network's state lives in (:data:`~mapreps_jax.space.PIXEL`,
+        or a latent diffusion model's autoencoder); every algorithm runs in it.
     """
 
     params: Any
@@ -45,6 +48,7 @@ class ScoreModel:
     apply: Callable = dataclasses.field(metadata=dict(static=True))
     learned_variance: bool = dataclasses.field(default=False, metadata=dict(static=True))
     name: str = dataclasses.field(default="model", metadata=dict(static=True))
+    space: Space = PIXEL
 
     @property
     def T(self) -> int:
@@ -76,6 +80,24 @@ class ScoreModel:
         x_t = jnp.sqrt(a) * y
         return tweedie(x_t, self.eps(x_t, jnp.full((y.shape[0],), t, jnp.float32), cond), a, clip)
 
+    def encode(self, x, key=None):
+        """Images ``[B, ...]`` in [-1, 1] to the state space (identity in pixel space; a latent model: the
+        encoder's posterior mean without a key, a sample with one, times the latent scale factor)."""
+        return self.space.encode(x, key)
+
+    def decode(self, z):
+        """States to images in [-1, 1] units (identity in pixel space)."""
+        return self.space.decode(z)
+
+    def guided(self, cond, scale, uncond) -> "ScoreModel":
+        """Classifier-free guidance: a model whose ``eps`` is ``eps_u + s (eps_c - eps_u)`` with
+        ``eps_c = eps(x_t, t, cond)``, ``eps_u = eps(x_t, t, uncond)`` (two network calls; the conditionings may
+        differ in shape, e.g. text embeddings of different lengths). ``cond``, ``uncond`` and ``scale`` are leaves
+        (traceable); the ``cond`` passed to the guided model's ``eps`` is ignored. With learned variance the
+        conditional branch's variance channels are returned."""
+        return dataclasses.replace(self, params=(self.params, cond, uncond, jnp.asarray(scale, jnp.float32)),
+                                   apply=_Guided(self.apply, self.learned_variance), name=f"{self.name}+cfg")
+
     def eps_fn(self) -> Callable:
         """The bare contract ``eps_fn(params, x_t, t, cond=None)`` of this model."""
 
@@ -83,6 +105,22 @@ class ScoreModel:
             return dataclasses.replace(self, params=params).eps(x_t, t, cond)
 
         return eps_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class _Guided:
+    """Hashable apply of :meth:`ScoreModel.guided` (equal base applies compare equal: no retrace)."""
+
+    base: Callable
+    learned_variance: bool
+
+    def __call__(self, params, x_t, t, cond=None):
+        p, c, u, s = params
+        out_c, out_u = self.base(p, x_t, t, c), self.base(p, x_t, t, u)
+        if self.learned_variance:
+            (e_c, v_c), (e_u, _) = out_c, out_u
+            return e_u + s * (e_c - e_u), v_c
+        return out_u + s * (out_c - out_u)
 
 
 def from_eps_fn(eps_fn: Callable, params: Any, schedule: Schedule, name: str = "model",

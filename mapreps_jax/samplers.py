@@ -1,9 +1,17 @@
 """Reverse-diffusion step rules ("samplers") pluggable into the RPS stage and the DPS baselines.
 
 Every sampler is a small frozen dataclass registered as a pytree: numeric hyper-parameters are leaves (so they can
-be traced, vmapped, differentiated), flags are static. One method:
+be traced, vmapped, differentiated), flags are static. The step rule follows the ``(state, info)`` pattern:
 
-    sampler.step(key, model, op, y, x_t, t, t_next, cond=None) -> x_{t_next}
+    state = sampler.init(problem, x_t)                               -> SamplerState(x, extra)
+    state, info = sampler.one_step(key, problem, state, t, t_next)   -> info = StepInfo(x0, residual)
+
+``problem`` is a :class:`~mapreps_jax.space.Problem` ``(model, op, y, cond)``; the state lives in the model's space
+(pixels, or a latent diffusion model's latents), and every data fit is ``y - A(D(x0))`` (``Problem.residual``).
+``SamplerState.extra`` carries what a step rule keeps between steps (``()`` for the rules here). ``info.x0`` is the
+clean estimate the move used (state space) and ``info.residual`` the per-image ``||y - A(D(x0))||``; loops collect
+``info`` as scan outputs on request (:func:`~mapreps_jax.rps_stage.rps_trace`) and XLA drops it otherwise.
+``sampler.step(key, model, op, y, x_t, t, t_next, cond=None) -> x_{t_next}`` is the one-call form.
 
 ``key`` is one key or ``[B]`` keys (one per image; the step's noise for image ``i`` is drawn from its key alone,
 :mod:`mapreps_jax.rng`). ``t`` / ``t_next`` are scalar (integer or real) times with ``t_next < t``; ``t_next = -1`` is the clean end
@@ -30,19 +38,49 @@ formula with the score ``s(x_t) + grad log p(y | x_t)``), followed by the shared
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from .diffusion import _bcast, ddim_sigma_log, ddim_step, eps_from_x0, learned_range_std, log_alpha_bar, tweedie
+from .diffusion import _bcast, ddim_sigma_log, ddim_step, eps_from_x0, learned_range_std, log_alpha_bar
+from .config import pytree_config, static
 from .linalg import cg_solve
-from .map_stage import safe_norm
 from .rng import image_keys, normal_like
+from .space import Problem
 from .validation import check_scalar
 
-__all__ = ["DDPMStep", "DPSStep", "DDNMStep", "PiGDMStep", "DMPSStep", "SAMPLERS", "make_sampler"]
+__all__ = ["DDPMStep", "DPSStep", "DDNMStep", "PiGDMStep", "DMPSStep", "SAMPLERS", "make_sampler", "SamplerState",
+           "StepInfo"]
+
+
+class SamplerState(NamedTuple):
+    """A sampler's state at the current time: ``x`` (``[B, *state_shape]``) and what the rule carries between steps
+    (``extra``; ``()`` for the rules of this module)."""
+
+    x: jax.Array
+    extra: Any = ()
+
+
+class StepInfo(NamedTuple):
+    """What a step reports: ``x0`` (the clean estimate the move used, state space) and ``residual`` (``[B]``,
+    ``||y - A(D(x0))||``; zeros for unconditional sampling)."""
+
+    x0: jax.Array
+    residual: jax.Array
+
+
+class _StepRule:
+    """The methods every step rule shares (``one_step`` is each rule's own)."""
+
+    def init(self, problem: Problem, x) -> SamplerState:
+        return SamplerState(x)
+
+    def step(self, key, model, op, y, x, t, t_next, cond=None):
+        """One step from ``x`` (at ``t``) to ``t_next``; returns ``x_{t_next}`` (the one-call form of
+        :meth:`one_step` from a fresh state)."""
+        problem = Problem(model, op, y, cond)
+        return self.one_step(key, problem, self.init(problem, x), t, t_next)[0].x
 
 _VARIANCES = ("ddim", "learned", "learned_official")
 _MEANS = ("rederived", "raw")
@@ -91,34 +129,34 @@ def _move(key, model, x, x0, t, t_next, a_t, a_n, eta, v, variance, noise_scale,
     return m + noise_scale * s_noise * normal_like(image_keys(key, x.shape[0]), x)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class DDPMStep:
+@pytree_config
+class DDPMStep(_StepRule):
     """Unconditional DDPM/DDIM(eta) step. With the testbed's exact diffused-posterior model (``cond = y``) this is the
     exact "oracle" Stage-2 sampler."""
 
     eta: Any = 1.0
     noise_scale: Any = 1.0
-    clip: bool = dataclasses.field(default=False, metadata=dict(static=True))
-    variance: str = dataclasses.field(default="ddim", metadata=dict(static=True))
+    clip: bool = static(False)
+    variance: str = static("ddim")
 
     def __post_init__(self):
         _check_static(self, "variance", _VARIANCES)
         _check_numbers(self, eta=0.0, noise_scale=0.0)
 
-    def step(self, key, model, op, y, x, t, t_next, cond=None):
+    def one_step(self, key, problem, state, t, t_next):
+        model, x = problem.model, state.x
         a_t, a_n = model.alpha_bar(t), model.alpha_bar(t_next)
-        e, v = model.eps_and_var(x, t, cond)
-        x0 = tweedie(x, e, a_t, self.clip)
-        return _move(key, model, x, x0, t, t_next, a_t, a_n, self.eta, v, self.variance, self.noise_scale)
+        x0, _, v = problem.tweedie(x, t, self.clip)
+        x_next = _move(key, model, x, x0, t, t_next, a_t, a_n, self.eta, v, self.variance, self.noise_scale)
+        return SamplerState(x_next, state.extra), StepInfo(x0, problem.residual_norm(x0))
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class DPSStep:
+@pytree_config
+class DPSStep(_StepRule):
     """Diffusion posterior sampling step (Chung et al. 2023):
 
-    ``g = grad_{x_t} ||y - A(x0(x_t))||`` (the norm; ``loss="sq"`` uses its square), then
+    ``g = grad_{x_t} ||y - A(D(x0(x_t)))||`` (the norm; ``loss="sq"`` uses its square; ``D`` the decoder of a
+    latent model, the identity in pixel space), then
     ``x_next = move(x_t, x0) - zeta g``. ``noise_scale`` (lambda in [0, 1]) scales the stochastic term
     (VSDPS); ``clip`` clips Tweedie to [-1, 1] (on for image priors, off on the exact testbed).
     ``mean`` / ``variance``: the clean move (default) or the paper code's details (module doc;
@@ -128,10 +166,10 @@ class DPSStep:
     zeta: Any = 1.0
     eta: Any = 1.0
     noise_scale: Any = 1.0
-    clip: bool = dataclasses.field(default=True, metadata=dict(static=True))
-    loss: str = dataclasses.field(default="norm", metadata=dict(static=True))
-    variance: str = dataclasses.field(default="ddim", metadata=dict(static=True))
-    mean: str = dataclasses.field(default="rederived", metadata=dict(static=True))
+    clip: bool = static(True)
+    loss: str = static("norm")
+    variance: str = static("ddim")
+    mean: str = static("rederived")
 
     def __post_init__(self):
         _check_static(self, "variance", _VARIANCES)
@@ -146,44 +184,45 @@ class DPSStep:
         learned variance."""
         return cls(zeta=zeta, mean="raw", variance=variance, **kwargs)
 
-    def step(self, key, model, op, y, x, t, t_next, cond=None):
+    def one_step(self, key, problem, state, t, t_next):
+        model, x = problem.model, state.x
         a_t, a_n = model.alpha_bar(t), model.alpha_bar(t_next)
-        axes = tuple(range(1, y.ndim))
 
         def fit(xx):
-            e, v = model.eps_and_var(xx, t, cond)
-            x0 = tweedie(xx, e, a_t, self.clip)
-            r = y - op.A(x0)
-            per = safe_norm(r, axes) if self.loss == "norm" else jnp.sum(r * r, axis=axes)
-            return jnp.sum(per), (x0, e, v)
+            x0, e, v = problem.tweedie(xx, t, self.clip)
+            per = problem.data_fit(x0, self.loss)
+            return jnp.sum(per), (x0, e, v, per)
 
-        g, (x0, e, v) = jax.grad(fit, has_aux=True)(x)
+        g, (x0, e, v, per) = jax.grad(fit, has_aux=True)(x)
         x0, e = jax.lax.stop_gradient(x0), jax.lax.stop_gradient(e)
         x_next = _move(key, model, x, x0, t, t_next, a_t, a_n, self.eta, v, self.variance, self.noise_scale,
                        self.mean, e)
-        return x_next - self.zeta * g
+        res = jax.lax.stop_gradient(per if self.loss == "norm" else jnp.sqrt(per))
+        return SamplerState(x_next - self.zeta * g, state.extra), StepInfo(x0, res)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class DDNMStep:
+@pytree_config
+class DDNMStep(_StepRule):
     """Denoising diffusion null-space step (noise-free DDNM, Wang et al. 2023) for a linear operator with a
-    pseudo-inverse: ``x0 <- x0 - A_pinv(A x0 - y)`` (range-space replacement), then the shared move."""
+    pseudo-inverse: ``x0 <- x0 - A_pinv(A x0 - y)`` (range-space replacement), then the shared move. In a latent
+    space the replacement acts on the decoded image: ``x0 <- E(D(x0) - A_pinv(A D(x0) - y))``."""
 
     eta: Any = 1.0
-    clip: bool = dataclasses.field(default=True, metadata=dict(static=True))
+    clip: bool = static(True)
 
     def __post_init__(self):
         _check_numbers(self, eta=0.0)
 
-    def step(self, key, model, op, y, x, t, t_next, cond=None):
+    def one_step(self, key, problem, state, t, t_next):
+        model, op, y, x = problem.model, problem.op, problem.y, state.x
         if not op.linear or op.pinv_fn is None:
             raise ValueError(f"DDNMStep needs a linear operator with a pseudo-inverse; got {op.name!r}")
         a_t, a_n = model.alpha_bar(t), model.alpha_bar(t_next)
-        e, v = model.eps_and_var(x, t, cond)
-        x0 = tweedie(x, e, a_t, self.clip)
-        x0 = x0 - op.pinv(op.A(x0) - y)
-        return _move(key, model, x, x0, t, t_next, a_t, a_n, self.eta, v, "ddim", 1.0)
+        x0, _, v = problem.tweedie(x, t, self.clip)
+        img = problem.image(x0)
+        x0 = problem.space.encode(img - op.pinv(op.A(img) - y))
+        x_next = _move(key, model, x, x0, t, t_next, a_t, a_n, self.eta, v, "ddim", 1.0)
+        return SamplerState(x_next, state.extra), StepInfo(x0, problem.residual_norm(x0))
 
 
 def _need_linear(name, op):
@@ -215,9 +254,8 @@ def _guided_x0(x0, a_t, g, zeta):
     return x0 + zeta * (1.0 - a) / jnp.sqrt(a) * g
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class PiGDMStep:
+@pytree_config
+class PiGDMStep(_StepRule):
     """Pseudo-inverse-guided diffusion step (PiGDM, Song et al. 2023) for a linear operator with Gaussian noise.
 
     ``p(x0 | x_t) ~ N(x0_hat(x_t), r_t^2 I)`` gives ``p(y | x_t) ~ N(A x0_hat, r_t^2 A A^T + sigma_y^2 I)``, whose
@@ -229,7 +267,8 @@ class PiGDMStep:
     and the shared move from ``x0_c``. ``r_t^2 = v (1 - a_t) / (a_t v + 1 - a_t)``, ``v = data_var`` (1: the
     paper's ``r_t^2 = sigma_t^2 / (1 + sigma_t^2)``): the exact ``p(x0 | x_t)`` variance of an isotropic Gaussian prior
     with variance ``v``, for which this step samples the exact posterior. ``sigma_y`` in [-1, 1] units (traced).
-    Costs one network forward + VJP per step.
+    In a latent space ``x0_hat`` is replaced by the decoded estimate ``D(x0_hat(z_t))`` in ``p(y | z_t)`` and the VJP
+    runs through the decoder. Costs one network forward + VJP per step.
     """
 
     zeta: Any = 1.0
@@ -237,34 +276,35 @@ class PiGDMStep:
     data_var: Any = 1.0
     eta: Any = 1.0
     noise_scale: Any = 1.0
-    clip: bool = dataclasses.field(default=True, metadata=dict(static=True))
-    cg_iters: int = dataclasses.field(default=20, metadata=dict(static=True))
-    variance: str = dataclasses.field(default="ddim", metadata=dict(static=True))
+    clip: bool = static(True)
+    cg_iters: int = static(20)
+    variance: str = static("ddim")
 
     def __post_init__(self):
         _check_guided(self)
         check_scalar(self.data_var, "data_var", "PiGDMStep", lo=0.0, lo_inclusive=False)
 
-    def step(self, key, model, op, y, x, t, t_next, cond=None):
+    def one_step(self, key, problem, state, t, t_next):
+        model, op, y, x = problem.model, problem.op, problem.y, state.x
         _need_linear("PiGDMStep", op)
         a_t, a_n = model.alpha_bar(t), model.alpha_bar(t_next)
 
         def x0_fn(xx):
-            e, v = model.eps_and_var(xx, t, cond)
-            return tweedie(xx, e, a_t, self.clip), (e, v)
+            x0, _, v = problem.tweedie(xx, t, self.clip)
+            return problem.image(x0), (x0, v)
 
-        x0, pullback, (e, v) = jax.vjp(x0_fn, x, has_aux=True)
+        img, pullback, (x0, v) = jax.vjp(x0_fn, x, has_aux=True)
         vd = jnp.asarray(self.data_var, x.dtype)
         r2 = vd * (1.0 - a_t) / (a_t * vd + 1.0 - a_t)
-        u = _solve_meas(op, y, y - op.A(x0), r2, self.sigma_y, self.cg_iters)
+        u = _solve_meas(op, y, y - op.A(img), r2, self.sigma_y, self.cg_iters)
         g = pullback(op.AT(u))[0]
         x0c = _guided_x0(x0, a_t, g, self.zeta)
-        return _move(key, model, x, x0c, t, t_next, a_t, a_n, self.eta, v, self.variance, self.noise_scale)
+        x_next = _move(key, model, x, x0c, t, t_next, a_t, a_n, self.eta, v, self.variance, self.noise_scale)
+        return SamplerState(x_next, state.extra), StepInfo(x0c, problem.residual_norm(x0c))
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class DMPSStep:
+@pytree_config
+class DMPSStep(_StepRule):
     """Diffusion-model posterior sampling step (DMPS, Meng & Kabashima 2022) for a linear operator.
 
     With an uninformative prior, ``p(x0 | x_t) ~ N(x_t / sqrt(a_t), (1 - a_t)/a_t I)`` and
@@ -273,30 +313,35 @@ class DMPSStep:
         ``g = A^T (sigma_y^2 I + (1 - a_t)/a_t A A^T)^{-1} (y - A x_t / sqrt(a_t)) / sqrt(a_t)``
 
     then ``x0_c = x0_hat + zeta (1 - a_t)/sqrt(a_t) g`` and the shared move (``zeta`` is DMPS's guidance scale, 1 in
-    the paper's derivation). Exact only for a flat prior. Costs one network forward per step (no VJP).
+    the paper's derivation). Exact only for a flat prior. Pixel space only (the approximation is in ``x_t`` itself).
+    Costs one network forward per step (no VJP).
     """
 
     zeta: Any = 1.0
     sigma_y: Any = 0.0
     eta: Any = 1.0
     noise_scale: Any = 1.0
-    clip: bool = dataclasses.field(default=True, metadata=dict(static=True))
-    cg_iters: int = dataclasses.field(default=20, metadata=dict(static=True))
-    variance: str = dataclasses.field(default="ddim", metadata=dict(static=True))
+    clip: bool = static(True)
+    cg_iters: int = static(20)
+    variance: str = static("ddim")
 
     def __post_init__(self):
         _check_guided(self)
 
-    def step(self, key, model, op, y, x, t, t_next, cond=None):
+    def one_step(self, key, problem, state, t, t_next):
+        model, op, y, x = problem.model, problem.op, problem.y, state.x
         _need_linear("DMPSStep", op)
+        if not problem.space.is_pixel:
+            raise ValueError(f"DMPSStep: its likelihood approximation is in pixel space; {model.name!r} runs in the "
+                             f"{problem.space.name!r} space (use DPSStep or PiGDMStep)")
         a_t, a_n = model.alpha_bar(t), model.alpha_bar(t_next)
-        e, v = model.eps_and_var(x, t, cond)
-        x0 = tweedie(x, e, a_t, self.clip)
+        x0, _, v = problem.tweedie(x, t, self.clip)
         sa = jnp.sqrt(a_t)
         u = _solve_meas(op, y, y - op.A(x / sa), (1.0 - a_t) / a_t, self.sigma_y, self.cg_iters)
         g = op.AT(u) / sa
         x0c = _guided_x0(x0, a_t, g, self.zeta)
-        return _move(key, model, x, x0c, t, t_next, a_t, a_n, self.eta, v, self.variance, self.noise_scale)
+        x_next = _move(key, model, x, x0c, t, t_next, a_t, a_n, self.eta, v, self.variance, self.noise_scale)
+        return SamplerState(x_next, state.extra), StepInfo(x0c, problem.residual_norm(x0c))
 
 
 SAMPLERS = {"dps": DPSStep, "ddpm": DDPMStep, "ddnm": DDNMStep, "pigdm": PiGDMStep, "dmps": DMPSStep}

@@ -9,7 +9,7 @@ import numbers
 
 import numpy as np
 
-__all__ = ["check_batched", "check_measurement", "check_signal", "check_finite", "concrete_value", "check_scalar",
+__all__ = ["check_batched", "check_measurement", "check_signal", "check_state", "check_finite", "concrete_value", "check_scalar",
            "check_t0", "check_same_batch"]
 
 
@@ -49,6 +49,15 @@ def check_measurement(op, y, where: str):
 def check_signal(op, x, where: str, name: str = "x"):
     """``x`` must be ``[B, *op.in_shape]``, floating, finite."""
     return check_batched(x, op.in_shape, name, where)
+
+
+def check_state(model, op, x, where: str, name: str = "x"):
+    """``x`` must be a batch of states of ``model``'s space for ``op``'s images: ``[B, *op.in_shape]`` in pixel
+    space, ``[B, *latent_shape]`` in a latent space; floating, finite."""
+    space = getattr(model, "space", None)
+    if space is None or space.is_pixel:
+        return check_signal(op, x, where, name)
+    return check_batched(x, space.state_shape(op.in_shape), f"{name} ({space.name} latent)", where)
 
 
 def concrete_value(v):

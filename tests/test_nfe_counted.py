@@ -101,8 +101,8 @@ def test_stage1_counts_n_iter(problem, solver, max_iter):
     mr.map_estimate(jax.random.PRNGKey(3), model, op, y, config=cfg).block_until_ready()
     assert counter.per_image() == n_iter
     counter.reset()
-    mr.map_estimate(jax.random.PRNGKey(3), model, op, y, config=dataclasses.replace(cfg, max_iter=40),
-                    return_trace=True)[0].block_until_ready()
+    mr.map_estimate_trace(jax.random.PRNGKey(3), model, op, y,
+                          config=dataclasses.replace(cfg, max_iter=40))[0].block_until_ready()
     assert counter.per_image() == n_iter
 
 

@@ -195,7 +195,8 @@ def test_map_trace_reports_the_data_fit_of_the_iterates():
     prior, op, x, y = _problem()
     model = prior.score_model(SCHED)
     cfg = mr.MAPConfig(n_iter=40, lr=0.05, w=0.05)
-    x_map, trace = mr.map_estimate(jax.random.PRNGKey(0), model, op, y, config=cfg, return_trace=True)
+    x_map, info = mr.map_estimate_trace(jax.random.PRNGKey(0), model, op, y, config=cfg)
+    trace = info.data_fit
     assert trace.shape == (40, y.shape[0])
     np.testing.assert_allclose(np.asarray(x_map), np.asarray(mr.map_estimate(jax.random.PRNGKey(0), model, op, y,
                                                                              config=cfg)), rtol=1e-6, atol=1e-6)

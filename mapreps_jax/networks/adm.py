@@ -152,6 +152,20 @@ class ADMConfig:
         return cls(**kw)
 
     @classmethod
+    def ldm_ffhq256(cls, **overrides) -> "ADMConfig":
+        """The CompVis LDM FFHQ-256 latent UNet (``ffhq-ldm-vq-4``, on 64x64x3 VQ-f4 latents): 274.1M parameters.
+
+        CompVis's ``openaimodel.UNetModel`` is guided-diffusion's UNet; its config gives ``attention_resolutions
+        [8, 4, 2]`` as down-sampling factors, i.e. the resolutions 8, 16, 32 of a 64 input. No learned sigma, no
+        scale-shift norm, conv up/down-sampling (not ResBlocks), legacy attention with 32 channels per head."""
+        kw = dict(image_size=64, in_channels=3, model_channels=224, out_channels=3, num_res_blocks=2,
+                  attention_resolutions=(8, 16, 32), channel_mult=(1, 2, 3, 4), num_heads=-1, num_head_channels=32,
+                  use_scale_shift_norm=False, resblock_updown=False, learn_sigma=False,
+                  use_new_attention_order=False, conv_resample=True)
+        kw.update(overrides)
+        return cls(**kw)
+
+    @classmethod
     def tiny(cls, image_size: int = 16, model_channels: int = 32, channel_mult=(1, 2), num_res_blocks: int = 1,
              attention_resolutions=(8,), num_head_channels: int = 16, **overrides) -> "ADMConfig":
         """A small network with every block type (for tests and toy data)."""

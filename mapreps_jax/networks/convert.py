@@ -70,6 +70,7 @@ __all__ = [
 
 FORMAT = "mapreps-adm"
 FORMAT_VERSION = 1
+CONVERTED_FORMATS = (FORMAT, "mapreps-latent")  # folders that --overwrite may replace
 
 PRESETS = {"ffhq256": ADMConfig.ffhq256, "imagenet256": ADMConfig.imagenet256}
 
@@ -280,7 +281,7 @@ def _is_converted_dir(path: str) -> bool:
             meta = json.load(f)
     except (OSError, ValueError):
         return False
-    return isinstance(meta, dict) and meta.get("format") == FORMAT
+    return isinstance(meta, dict) and meta.get("format") in CONVERTED_FORMATS
 
 
 def check_replaceable(dst, overwrite: bool) -> str:
@@ -295,7 +296,8 @@ def check_replaceable(dst, overwrite: bool) -> str:
         raise ValueError(f"--dst: {dst} exists and is not a folder; --overwrite replaces only a converted checkpoint "
                          f"folder (or an empty one)")
     if os.listdir(dst) and not _is_converted_dir(dst):
-        raise ValueError(f"--dst: {dst} is not a converted checkpoint (no {FORMAT!r} meta.json) and not empty; "
+        raise ValueError(f"--dst: {dst} is not a converted checkpoint (no meta.json of format "
+                         f"{' or '.join(map(repr, CONVERTED_FORMATS))}) and not empty; "
                          f"--overwrite refuses to delete it: choose another --dst")
     return dst
 
@@ -345,18 +347,26 @@ def save_converted(dst, params, config: ADMConfig, source_sha256: Optional[str] 
     want = jax.tree_util.tree_map(lambda a: tuple(a.shape), expected)
     if got != want:
         raise ValueError("save_converted: params do not match the config's parameter tree")
-    params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), params)
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "config": config.to_dict(),
         "source_sha256": source_sha256,
         "source_name": source_name,
-        "params_sha256": params_sha256(params),
-        "num_params": int(sum(a.size for a in jax.tree_util.tree_leaves(params))),
-        "num_tensors": len(jax.tree_util.tree_leaves(params)),
         "schedule": schedule,
     }
+    return write_checkpoint(dst, params, meta, overwrite)
+
+
+def write_checkpoint(dst, params, meta: dict, overwrite: bool = False) -> str:
+    """Write ``params`` (orbax, float32) and ``meta.json`` (``meta`` plus ``params_sha256``, ``num_params``,
+    ``num_tensors`` and per-file ``files`` records) as the folder ``dst``: built in a temporary sibling folder and
+    renamed into place (no partial output). Shared by every converted-checkpoint format. Returns ``dst``."""
+    dst = check_replaceable(dst, overwrite)
+    params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), params)
+    meta = dict(meta, params_sha256=params_sha256(params),
+                num_params=int(sum(a.size for a in jax.tree_util.tree_leaves(params))),
+                num_tensors=len(jax.tree_util.tree_leaves(params)))
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
@@ -384,21 +394,23 @@ def save_converted(dst, params, config: ADMConfig, source_sha256: Optional[str] 
     return dst
 
 
-def _read_meta(path):
+def read_meta(path, fmt: str = FORMAT, version: int = FORMAT_VERSION, required=("config", "params_sha256")) -> dict:
+    """The ``meta.json`` of a converted-checkpoint folder of format ``fmt``: well-formed JSON, the format and version
+    this library reads, and the ``required`` fields (a ``ValueError`` saying which, otherwise)."""
     mp = os.path.join(path, "meta.json")
     if not os.path.isfile(mp):
-        raise ValueError(f"{path}: not a converted ADM checkpoint (no meta.json)")
+        raise ValueError(f"{path}: not a converted {fmt!r} checkpoint (no meta.json)")
     try:
         with open(mp) as f:
             meta = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: corrupt meta.json ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: meta.json is not a {FORMAT!r} checkpoint description")
-    if meta.get("version") != FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise ValueError(f"{path}: meta.json is not a {fmt!r} checkpoint description")
+    if meta.get("version") != version:
         raise ValueError(f"{path}: checkpoint format version {meta.get('version')!r}, this library reads "
-                         f"{FORMAT_VERSION}")
-    for k in ("config", "params_sha256"):
+                         f"{version}")
+    for k in required:
         if k not in meta:
             raise ValueError(f"{path}: meta.json lacks {k!r}")
     return meta
@@ -419,7 +431,7 @@ def load_converted(path, expected_config: Optional[ADMConfig] = None,
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"converted checkpoint not found: {path}")
-    meta = _read_meta(path)
+    meta = read_meta(path)
     try:
         config = ADMConfig.from_dict(meta["config"])
     except (TypeError, ValueError) as e:
@@ -434,7 +446,13 @@ def load_converted(path, expected_config: Optional[ADMConfig] = None,
     if expected_source_sha256 is not None and meta.get("source_sha256") != expected_source_sha256:
         raise ValueError(f"{path}: converted from a source with SHA-256 {meta.get('source_sha256')!r}, expected "
                          f"{expected_source_sha256!r}")
-    abstract = param_shapes(config)
+    return restore_checkpoint(path, param_shapes(config), meta, verify), config, meta
+
+
+def restore_checkpoint(path, abstract, meta: dict, verify: bool = True):
+    """The params of a folder written by :func:`write_checkpoint`, restored against ``abstract`` (the expected tree
+    of ``jax.ShapeDtypeStruct``): with ``verify``, every file's size and SHA-256 first, the params checksum after.
+    Any failure is a ``ValueError`` saying which."""
     if verify and "files" in meta:
         _verify_files(path, meta["files"])
     ocp = _ocp()
@@ -448,13 +466,14 @@ def load_converted(path, expected_config: Optional[ADMConfig] = None,
     got = jax.tree_util.tree_map(lambda x: (tuple(x.shape), str(x.dtype)), params)
     want = jax.tree_util.tree_map(lambda x: (tuple(x.shape), str(x.dtype)), abstract)
     if got != want:
-        raise ValueError(f"{path}: restored params do not match the config's parameter tree")
+        raise ValueError(f"{path}: restored params do not match the config's parameter tree (expected "
+                         f"{len(jax.tree_util.tree_leaves(want))} tensors)")
     if verify:
         h = params_sha256(params)
         if h != meta["params_sha256"]:
             raise ValueError(f"{path}: params checksum mismatch (corrupt checkpoint): recorded "
                              f"{meta['params_sha256']}, computed {h}")
-    return params, config, meta
+    return params
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -489,17 +508,23 @@ def _config_from_arg(s: str) -> Tuple[ADMConfig, str]:
 
 
 def convert_command(argv) -> int:
-    """``mapreps convert adm --config ffhq256|imagenet256|FILE.json --src FILE --dst DIR`` (argv after ``convert``).
+    """``mapreps convert adm --config ffhq256|imagenet256|FILE.json --src FILE --dst DIR`` (argv after ``convert``);
+    ``convert sd --src DIR --dst OUT`` and ``convert ldm-ffhq --src model.ckpt [--ema] --dst OUT`` go to
+    :func:`mapreps_jax.networks.latent.convert_latent_command`.
 
     Returns the process exit status (0 on success, 2 on a usage/input error).
     """
     from .torch_pickle import load_state_dict
 
     argv = list(argv)
+    if argv and argv[0] in ("sd", "ldm-ffhq"):
+        from .latent import convert_latent_command
+
+        return convert_latent_command(argv[0], argv[1:])
     if argv and argv[0] == "adm":
         argv = argv[1:]
     elif argv and not argv[0].startswith("-"):
-        print(f"mapreps convert: unknown network kind {argv[0]!r} (supported: adm)", file=sys.stderr)
+        print(f"mapreps convert: unknown network kind {argv[0]!r} (supported: adm, sd, ldm-ffhq)", file=sys.stderr)
         return 2
     from ..pretrained import schedule_metadata
 

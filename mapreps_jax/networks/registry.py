@@ -82,6 +82,33 @@ _REGISTRY: Dict[str, ModelEntry] = {
 }
 
 
+def _latent_loader(path, entry, dtype=None, remat=None):
+    from .latent import load_latent
+
+    return load_latent(path, dtype=dtype, remat=remat, name=os.path.basename(path.rstrip("/")))
+
+
+def _latent_hint(kind, src, subdir, extra=""):
+    return (f"  mapreps convert {kind} --src {src}{extra} --dst checkpoints/{subdir}
+"
+            f"(no torch needed). See checkpoints/README.md.")
+
+
+_REGISTRY["sd15"] = ModelEntry(
+    config=lambda: None, subdir="sd15", schedule="scaled_linear", loader=_latent_loader,
+    how_to_obtain=("Download Stable Diffusion v1.5 in the diffusers layout (the 'vae/' and 'unet/' folders with "
+                   "config.json and diffusion_pytorch_model.safetensors, and 'scheduler/scheduler_config.json', from "
+                   "the model card of stable-diffusion-v1-5 on the Hugging Face hub), then convert it once:
+"
+                   + _latent_hint("sd", "SD15_FOLDER", "sd15")))
+_REGISTRY["ldm-ffhq256"] = ModelEntry(
+    config=lambda: None, subdir="ldm-ffhq256", schedule="ldm_linear", loader=_latent_loader,
+    how_to_obtain=("Download the CompVis latent-diffusion FFHQ-256 model ('ffhq-ldm-vq-4', model.ckpt, linked from "
+                   "the 'Pretrained LDMs' table of github.com/CompVis/latent-diffusion), then convert it once:
+"
+                   + _latent_hint("ldm-ffhq", "model.ckpt", "ldm-ffhq256", " --ema")))
+
+
 def register_model(name: str, config: Callable[[], ADMConfig], subdir: str, how_to_obtain: str,
                    schedule: str = "linear", source_sha256: Optional[str] = None,
                    loader: Optional[Callable] = None, overwrite: bool = False) -> None:
@@ -157,6 +184,11 @@ def load_model(name_or_path, checkpoints_dir=None, dtype: Optional[str] = None, 
                                  f"{name!r} is registered with the {entry.schedule!r} schedule (T={expected.T})")
         return adm_score_model(config, params, expected, name=name)
     if os.path.isdir(name):
+        from .latent import is_latent_checkpoint, load_latent
+
+        if is_latent_checkpoint(name):
+            return load_latent(name, verify=verify, dtype=dtype, remat=remat,
+                               name=os.path.basename(name.rstrip("/")))
         params, config, meta = load_converted(name, verify=verify)
         if overrides:
             config = dataclasses.replace(config, **overrides)

@@ -1,0 +1,80 @@
+"""Record every pixel-space algorithm's output on small fixed problems (tests/data/pixel_regression.npz).
+
+The file was written once by the code before latent spaces existed (commit df1e0c9, where the state was assumed to be
+the operator's input); ``tests/test_pixel_regression.py`` checks that today's code still produces those numbers, so
+the pixel results (and every published number built on them) are unchanged by the space abstraction.
+
+Usage (from a checkout of the commit to record):  python scripts/make_pixel_regression.py OUT.npz
+"""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import mapreps_jax as mr
+from mapreps_jax.networks.adm import ADMConfig, adm_score_model, init_adm_params
+from mapreps_jax.priors import GMMPrior
+
+
+def cases():
+    """``{name: thunk}``: each returns the output array of one algorithm (the same calls in every version)."""
+    jax.config.update("jax_default_matmul_precision", "highest")
+    k = jax.random.PRNGKey
+    out = {}
+    # exact GMM prior on 8-vectors, a random 4x8 matrix
+    gmm = GMMPrior.random(k(0), 8, 3)
+    sched = mr.make_schedule("linear", T=60)
+    m = gmm.score_model(sched)
+    op = mr.make_operator("matrix", (8,), rows=4, seed=1)
+    x = gmm.sample(k(1), 3)
+    y = op.measure(k(2), x, 0.1)
+    cfg = mr.MAPConfig(t1=3.0, w=0.3, n_iter=12, lr=0.05)
+    out["gmm_map_adamw"] = lambda: mr.map_estimate(k(3), m, op, y, config=cfg)
+    out["gmm_map_prox"] = lambda: mr.map_estimate(k(3), m, op, y, config=mr.MAPConfig(t1=3.0, w=0.3, n_iter=12,
+                                                                                          solver="prox", average=4))
+    out["gmm_map_stable"] = lambda: mr.map_estimate(k(3), m, op, y, config=mr.MAPConfig(t1=3.0, w=0.3, n_iter=12,
+                                                                                            stable=True))
+    x0 = op.x_init(y)
+    for name, s in {"dps": mr.DPSStep(zeta=0.3, clip=False), "dps_sq": mr.DPSStep(zeta=0.1, loss="sq", clip=False),
+                    "ddpm": mr.DDPMStep(), "ddnm": mr.DDNMStep(clip=False),
+                    "pigdm": mr.PiGDMStep(sigma_y=0.1, clip=False), "dmps": mr.DMPSStep(sigma_y=0.1, clip=False),
+                    "dps_raw": mr.DPSStep(zeta=0.3, mean="raw", clip=False)}.items():
+        out[f"gmm_rps_{name}"] = (lambda s=s: mr.rps(k(4), m, op, y, x0, 20, sampler=s))
+    out["gmm_rps_subgrid"] = lambda: mr.rps(k(4), m, op, y, x0, 30, sampler=mr.DPSStep(zeta=0.3, clip=False),
+                                            n_steps=7)
+    out["gmm_dps"] = lambda: mr.dps(k(5), m, op, y, zeta=0.3, clip=False)
+    out["gmm_ccdf"] = lambda: mr.ccdf(k(6), m, op, y, 25, sampler=mr.DPSStep(zeta=0.3, clip=False))
+    out["gmm_red_diff"] = lambda: mr.red_diff(k(7), m, op, y, config=mr.REDDiffConfig(n_steps=15, lr=0.1))
+    out["gmm_map_rps"] = lambda: mr.map_rps(k(8), m, op, y, 15, map_config=cfg,
+                                            sampler=mr.DPSStep(zeta=0.3, clip=False))
+    out["gmm_dp_sweep"] = lambda: mr.dp_sweep(k(9), m, op, y, [0, 4, 11], map_config=cfg,
+                                              sampler=mr.DPSStep(zeta=0.3, clip=False)).outputs
+    out["gmm_prior_sample"] = lambda: mr.prior_sample(k(10), m, (2, 8), n_steps=9)
+    # a tiny random ADM (learned variance) on 16x16 images, clipping on
+    acfg = ADMConfig.tiny(image_size=16, model_channels=32, channel_mult=(1, 2))
+    am = adm_score_model(acfg, init_adm_params(k(11), acfg), schedule=mr.make_schedule("linear", T=40))
+    iop = mr.make_operator("inpaint_random", (16, 16, 3), seed=2, ratio=0.5)
+    xi = jnp.tanh(jax.random.normal(k(12), (2, 16, 16, 3)))
+    yi = iop.measure(k(13), xi, 0.05)
+    icfg = mr.MAPConfig(t1=2.0, w=0.2, n_iter=4, lr=0.05)
+    out["adm_map"] = lambda: mr.map_estimate(k(14), am, iop, yi, config=icfg)
+    out["adm_rps_dps"] = lambda: mr.rps(k(15), am, iop, yi, iop.x_init(yi), 4, sampler=mr.DPSStep(zeta=0.5))
+    out["adm_rps_dps_learned"] = lambda: mr.rps(k(15), am, iop, yi, iop.x_init(yi), 4,
+                                                sampler=mr.DPSStep(zeta=0.5, variance="learned"))
+    out["adm_rps_official"] = lambda: mr.rps(k(15), am, iop, yi, iop.x_init(yi), 4, sampler=mr.DPSStep.official(0.5))
+    out["adm_rps_pigdm"] = lambda: mr.rps(k(15), am, iop, yi, iop.x_init(yi), 3, sampler=mr.PiGDMStep(sigma_y=0.05))
+    out["adm_rps_ddnm"] = lambda: mr.rps(k(15), am, iop, yi, iop.x_init(yi), 3, sampler=mr.DDNMStep())
+    out["adm_red_diff"] = lambda: mr.red_diff(k(16), am, iop, yi, config=mr.REDDiffConfig(n_steps=3))
+    return out
+
+
+def main(path):
+    arrays = {name: np.asarray(f()) for name, f in cases().items()}
+    np.savez_compressed(path, **arrays)
+    print(f"wrote {len(arrays)} arrays to {path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
