@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.13.0
 python -m pip install -q --no-deps deepinv==0.5.0 torchvision==0.28.0 torchmetrics==1.9.0
 python -m pip install -q einops h5py natsort requests lightning-utilities safetensors
+# diffusers: the reference of the latent networks (tests/test_autoencoder_torchref.py, tests/test_sd_unet_torchref.py)
+python -m pip install -q diffusers==0.42.1
 # The reference must import as the tests import it:
 python - <<'PY'
 import sys

@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mapreps_jax.digits import make_task  # noqa: E402
+from mapreps_jax.app.digits import make_task  # noqa: E402
 from mapreps_jax.map_rps import rps_jit  # noqa: E402
-from mapreps_jax.pretrained import load_default_prior, write_text_atomic  # noqa: E402
+from mapreps_jax.app.pretrained import load_default_prior  # noqa: E402
+from mapreps_jax.checkpoint_io import write_text_atomic  # noqa: E402
 from mapreps_jax.rps_stage import subgrid_times  # noqa: E402
 from mapreps_jax.samplers import DPSStep  # noqa: E402
 

@@ -15,11 +15,15 @@ Where things live:
   baselines.py   DPS (-A, -S, VS), CCDF, RED-diff
   metrics.py     RMSE, PSNR, SSIM, Frechet distance, sliced W2, MMD
   testbed.py     run any algorithm on an exact prior and measure its D-P point
-  datasets.py    the bundled handwritten digits;  perception.py  digit-FD (the perceptual index on digits)
-  pretrained.py  the bundled checkpoints (digits diffusion prior, digit classifier) and atomic checkpoint I/O
-  digits.py      the digits restoration tasks and presets, ``mapreps restore``
-  demo.py        ``mapreps demo``: the D-P traversal on held-out digits (figures, metrics.json)
-  networks/      Flax score networks (ADM UNet) and checkpoint conversion
+  config.py      the one config convention (frozen dataclasses that are pytrees; ``static`` fields)
+  checkpoint_io.py  checkpoint root, checksums, atomic orbax I/O, schedule records, output sets
+  presets.py     the paper's settings for the pixel FFHQ ADM (``mapreps restore --preset``)
+  networks/      Flax networks and conversion: adm.py (ADM UNet, also the LDM-FFHQ latent UNet), sd_unet.py
+                 (Stable Diffusion UNet), autoencoder.py (SD AutoencoderKL, LDM VQ-f4), latent.py (latent models:
+                 network + autoencoder), convert.py / torch_pickle.py (strict torch-free conversion), registry.py
+  app/           the digits application: datasets.py (bundled digits), classifier.py + perception.py (digit-FD),
+                 pretrained.py (bundled digits prior and classifier), digits.py (tasks, ``mapreps restore``),
+                 demo.py (``mapreps demo``)
 """
 
 from .diffusion import (Schedule, make_schedule, t_for_noise_std, alpha_bar, log_alpha_bar, tweedie, eps_from_x0, renoise, ddim_sigma,
@@ -39,8 +43,8 @@ from .continuous import rps_sde
 from .map_rps import map_rps, dp_sweep, SweepResult
 from .baselines import prior_sample, dps, dps_average, ccdf, red_diff, REDDiffConfig, RED_DIFF_WEIGHTINGS
 from .metrics import rmse, psnr, ssim, frechet_distance, sliced_w2, mmd
-from .pretrained import load_default_prior
-from .demo import DemoConfig, run_demo
+from .app.pretrained import load_default_prior
+from .app.demo import DemoConfig, run_demo
 
 from .networks import (ADMConfig, adm_score_model, init_adm_params, load_model, register_model, registered_models,
                        convert_adm_state_dict, load_state_dict)

@@ -1,7 +1,7 @@
 """The ``mapreps`` command line: ``demo``, ``restore``, ``testbed``, ``testbed-demo``, ``convert``.
 
 ``mapreps demo ...``     the main job: MAP-RPS t0 sweep, DPS and RED-diff on held-out digits with the bundled prior
-                         (:mod:`mapreps_jax.demo`): dp_curve.png, grid.png, metrics.json.
+                         (:mod:`mapreps_jax.app.demo`): dp_curve.png, grid.png, metrics.json.
 ``mapreps testbed ...``  runs an algorithm on an exact prior and prints JSON (:mod:`mapreps_jax.testbed`).
 ``mapreps testbed-demo`` a D-P sweep on an exact prior, plotted with the ideal (closed-form) curve.
 ``mapreps restore ...``  restores a 32x32 grayscale image with the bundled digits prior (one PNG per t0).
@@ -26,7 +26,7 @@ import pickle
 import sys
 from typing import List, Optional
 
-from .pretrained import write_bytes_atomic as atomic_write_bytes, write_text_atomic as atomic_write_text
+from .checkpoint_io import write_bytes_atomic as atomic_write_bytes, write_text_atomic as atomic_write_text
 
 _DEBUG_ENV = "MAPREPS_DEBUG"
 
@@ -106,13 +106,13 @@ def _progress_bar(total: int, desc: str, enabled: bool = True):
 
 
 def _dumps(obj, what: str) -> str:
-    from .demo import dumps_json
+    from .app.demo import dumps_json
 
     return dumps_json(obj, what)
 
 
 def cmd_testbed(args) -> int:
-    from .pretrained import check_output_file
+    from .checkpoint_io import check_output_file
     from .testbed import run_testbed
 
     cfg = _config_from_args(args).validate()
@@ -131,12 +131,13 @@ def cmd_testbed(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job on held-out digits (see :mod:`mapreps_jax.demo`)."""
+    """The main job on held-out digits (see :mod:`mapreps_jax.app.demo`)."""
     import dataclasses
     import time
 
-    from .demo import FD_MIN_IMAGES, QUICK, DemoConfig, is_demo_file, nfe_budget, run_demo, write_demo
-    from .pretrained import check_output_dir, load_default_prior, load_default_prior_config
+    from .app.demo import FD_MIN_IMAGES, QUICK, DemoConfig, is_demo_file, nfe_budget, run_demo, write_demo
+    from .checkpoint_io import check_output_dir
+    from .app.pretrained import load_default_prior, load_default_prior_config
 
     base = QUICK if args.quick else DemoConfig()
     over = {k: v for k, v in (("tasks", args.tasks), ("t0", args.t0), ("n_images", args.n_images),
@@ -190,8 +191,8 @@ def _is_testbed_demo_file(name: str) -> bool:
 
 def cmd_testbed_demo(args) -> int:
     """Exact-prior D-P demo: MAP-RPS and oracle MAP-RPS over a t0 sweep, with the ideal curve."""
-    from .demo import figure_png
-    from .pretrained import check_output_dir, write_output_set
+    from .app.demo import figure_png
+    from .checkpoint_io import check_output_dir, write_output_set
     from .testbed import run_testbed
 
     algos = ["map-rps", "oracle-rps"]
@@ -250,8 +251,9 @@ def cmd_restore(args) -> int:
     """Restore one 32x32 grayscale image with the bundled digits prior; one PNG per t0 (all or nothing)."""
     import json
 
-    from .digits import check_restore_args, is_restore_file, restore_files
-    from .pretrained import check_output_dir, load_default_prior, load_default_prior_config, write_output_set
+    from .app.digits import check_restore_args, is_restore_file, restore_files
+    from .checkpoint_io import check_output_dir, write_output_set
+    from .app.pretrained import load_default_prior, load_default_prior_config
 
     if args.preset is not None:
         return _restore_preset(args)
@@ -276,9 +278,9 @@ def _restore_preset(args) -> int:
     """``restore --preset NAME [--model DIR]``: the paper's settings on a converted network (one PNG per t0)."""
     import json
 
-    from .digits import is_restore_file
+    from .app.digits import is_restore_file
     from .presets import get_preset, load_preset_model, restore_preset_files
-    from .pretrained import check_output_dir, write_output_set
+    from .checkpoint_io import check_output_dir, write_output_set
 
     p = get_preset(args.preset)
     for opt, val in (("--task", args.task), ("--mask", args.mask), ("--sigma-y", args.sigma_y)):

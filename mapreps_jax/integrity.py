@@ -1,5 +1,5 @@
 """File checksums of checkpoint folders, written once: used by the bundled checkpoint's ``checksums.json``
-(:mod:`mapreps_jax.pretrained`) and by converted checkpoints' ``meta.json`` (:mod:`mapreps_jax.networks.convert`).
+(:mod:`mapreps_jax.app.pretrained`) and by converted checkpoints' ``meta.json`` (:mod:`mapreps_jax.networks.convert`).
 
 Files are checked BEFORE a loader (orbax) reads them, sizes before hashes, so a truncated, altered, missing or extra
 file is one ``ValueError`` that names it and what was expected.

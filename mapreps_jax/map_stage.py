@@ -22,7 +22,7 @@ Its fixed points are the stationary points of ``L`` (``2 A^T (A x - y) + w E_n[e
 decay. The data term is solved exactly at every step, so the step size is limited only by the prior term: on problems
 with a large null space (super-resolution, inpainting) it reaches a given distortion in far fewer network
 evaluations than AdamW, whose per-coordinate step is set by the stiff data term (measured on the digits prior: see
-:mod:`mapreps_jax.digits`). With a constant step the iterate keeps the noise of the one-sample estimate of
+:mod:`mapreps_jax.app.digits`). With a constant step the iterate keeps the noise of the one-sample estimate of
 ``E_n[e]``: ``average = M`` returns the mean of the last ``M`` iterates (Polyak-Ruppert tail averaging; either solver).
 Step size: the prior part of the iteration is stable while ``eta w lambda_max < 2``, ``lambda_max`` the largest
 eigenvalue of ``d E_n[e] / dx`` (for a Gaussian prior ``N(mu, S)``: ``sqrt(a (1 - a)) / (a s_min^2 + 1 - a)``; at most

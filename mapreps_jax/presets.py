@@ -258,7 +258,7 @@ def restore_preset_files(model, preset: Union[str, Preset], input_path: str, t0s
     import jax
     import jax.numpy as jnp
 
-    from .digits import png_bytes
+    from .app.digits import png_bytes
 
     p = get_preset(preset)
     t0s = list(p.t0s if t0s is None else t0s)

@@ -26,6 +26,7 @@ decoding (``Problem.image(z, clip=True)``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -81,11 +82,20 @@ class Space:
         image_shape = tuple(image_shape)
         if self.is_pixel:
             return image_shape
-        x = jax.ShapeDtypeStruct((1,) + image_shape, jnp.float32)
-        return tuple(jax.eval_shape(lambda v: self.encode(v), x).shape[1:])
+        leaves, treedef = jax.tree_util.tree_flatten(self.params)
+        structs = tuple(jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v)) for v in leaves)
+        return _latent_shape(self.encode_fn, treedef, structs, image_shape)
 
 
 PIXEL = Space()
+
+
+@functools.lru_cache(maxsize=64)
+def _latent_shape(encode_fn, treedef, structs, image_shape):
+    """The encoder's output event shape for one image (traced once per encoder, parameter shapes and image shape)."""
+    x = jax.ShapeDtypeStruct((1,) + image_shape, jnp.float32)
+    params = jax.tree_util.tree_unflatten(treedef, structs)
+    return tuple(jax.eval_shape(lambda p, v: encode_fn(p, v), params, x).shape[1:])
 
 
 def latent_space(params, encode_fn: Callable, decode_fn: Callable, name: str = "latent") -> Space:

@@ -3,7 +3,7 @@
 
 Usage (from the repository root, with the project's interpreter)::
 
-    .venv/bin/python scripts/break_on_purpose.py                      # baseline + the four breakages, fail-fast
+    .venv/bin/python scripts/break_on_purpose.py                      # baseline + the five breakages, fail-fast
     .venv/bin/python scripts/break_on_purpose.py --no-fail-fast       # list every test that catches each breakage
     .venv/bin/python scripts/break_on_purpose.py --only dps_guidance_off --tests tests/test_algorithms_reference.py
 
@@ -29,7 +29,8 @@ The breakages (issue 12):
   sampling;
 * ``stage2_identity``: Stage 2 a no-op (``rps`` returns ``x_init``);
 * ``stage1_prior_off``: the prior term ``w e`` removed from Stage 1 (both solvers);
-* ``red_diff_prior_off``: RED-diff's regulariser weight ``lambda`` term removed.
+* ``red_diff_prior_off``: RED-diff's regulariser weight ``lambda`` term removed;
+* ``latent_decoder_off`` (issue 13): the one data fit ``y - A(D(z))`` skips the decoder.
 """
 from __future__ import annotations
 
@@ -46,17 +47,17 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW_TESTS = "tests/test_algorithms_reference.py"
-DEFAULT_TESTS = [NEW_TESTS, "tests/test_map_rps.py", "tests/test_traceable.py"]
+DEFAULT_TESTS = [NEW_TESTS, "tests/test_map_rps.py", "tests/test_traceable.py", "tests/test_spaces.py"]
 
 # (file, target, replacement, expected number of occurrences)
 BREAKAGES = [
     dict(name="dps_guidance_off",
          description="DPS guidance off: DPSStep.step returns the unguided move (zeta effectively 0)",
-         edits=[("mapreps_jax/samplers.py", "return x_next - self.zeta * g", "return x_next - 0.0 * self.zeta * g",
-                 1)]),
+         edits=[("mapreps_jax/samplers.py", "SamplerState(x_next - self.zeta * g, state.extra)",
+                 "SamplerState(x_next - 0.0 * self.zeta * g, state.extra)", 1)]),
     dict(name="stage2_identity",
          description="Stage 2 as identity: rps returns x_init for every t0",
-         edits=[("mapreps_jax/rps_stage.py", "return jnp.where(t0 > 0, out, x_init)", "return x_init", 1)]),
+         edits=[("mapreps_jax/rps_stage.py", "return jnp.where(t0 > 0, out, x_init)", "return x_init", 2)]),
     dict(name="stage1_prior_off",
          description="prior term off in Stage 1: w e removed from the AdamW loss and from the prox forward step",
          edits=[("mapreps_jax/map_stage.py", "jnp.sum(fit) + jnp.sum(w * e * x)",
@@ -65,6 +66,10 @@ BREAKAGES = [
     dict(name="red_diff_prior_off",
          description="RED-diff's prior weight off: the lambda w(t) <e - eps, mu> term removed from its loss",
          edits=[("mapreps_jax/baselines.py", "config.lam * wt * reg", "0.0 * config.lam * wt * reg", 1)]),
+    dict(name="latent_decoder_off",
+         description="the data fit skips the decoder: Problem.residual returns y - A(z) (latent algorithms break)",
+         edits=[("mapreps_jax/space.py", "return self.y - self.op.A(self.space.decode(z))",
+                 "return self.y - self.op.A(z)", 1)]),
 ]
 
 

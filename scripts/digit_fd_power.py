@@ -20,9 +20,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mapreps_jax.demo import QUICK, run_demo  # noqa: E402
-from mapreps_jax.perception import digit_fd  # noqa: E402
-from mapreps_jax.pretrained import load_default_prior, write_text_atomic  # noqa: E402
+from mapreps_jax.app.demo import QUICK, run_demo  # noqa: E402
+from mapreps_jax.app.perception import digit_fd  # noqa: E402
+from mapreps_jax.app.pretrained import load_default_prior  # noqa: E402
+from mapreps_jax.checkpoint_io import write_text_atomic  # noqa: E402
 
 
 def main(argv=None) -> int:

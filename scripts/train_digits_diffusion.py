@@ -51,11 +51,11 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import serialization  # noqa: E402
 
-from mapreps_jax.datasets import load_digits, to_model_range  # noqa: E402
+from mapreps_jax.app.datasets import load_digits, to_model_range  # noqa: E402
 from mapreps_jax.diffusion import make_schedule  # noqa: E402
 from mapreps_jax.networks.adm import ADMConfig, adm_apply, count_params, init_adm_params  # noqa: E402
-from mapreps_jax.pretrained import (default_checkpoint_dir, restore_pytree, save_pytree,  # noqa: E402
-                                    write_text_atomic)
+from mapreps_jax.checkpoint_io import (default_checkpoint_dir, restore_pytree, save_pytree,  # noqa: E402
+                                       write_text_atomic)
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "images_per_s", "train_seconds", "time"]
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------- save / log
     cfg_json = {
         "adm": config.to_dict(), "schedule": "linear", "T": T, "prediction": "epsilon",
-        "data": "mapreps_jax/data/digits.npz train split (4500 MNIST digits, 32x32x1, [-1, 1])",
+        "data": "mapreps_jax/app/data/digits.npz train split (4500 MNIST digits, 32x32x1, [-1, 1])",
         "n_params": n_params, "training": train_settings,
         "script": "scripts/train_digits_diffusion.py",
     }

@@ -24,7 +24,8 @@ from mapreps_jax.model import ScoreModel
 from mapreps_jax.networks import registry as reg
 from mapreps_jax.networks.adm import (ADMConfig, AttentionBlock, GroupNorm32, adm_apply, adm_score_model,
                                       count_params, init_adm_params, param_shapes, timestep_embedding)
-from mapreps_jax.networks.convert import (_to_flax, convert_adm_state_dict, convert_command, expected_torch_shapes,
+from mapreps_jax.networks.layouts import to_flax as _to_flax  # noqa: E402
+from mapreps_jax.networks.convert import (convert_adm_state_dict, convert_command, expected_torch_shapes,
                                           flax_to_torch_state_dict, load_converted, read_manifest, save_converted,
                                           sha256_file)
 from mapreps_jax.networks.torch_pickle import load_state_dict, load_torch_state_dict

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import mapreps_jax.demo as demo_mod
-import mapreps_jax.digits as digits_mod
-import mapreps_jax.pretrained as pretrained
+import mapreps_jax.app.demo as demo_mod
+import mapreps_jax.app.digits as digits_mod
+import mapreps_jax.app.pretrained as pretrained
+import mapreps_jax.checkpoint_io as checkpoint_io
 import mapreps_jax.testbed as testbed_mod
 from mapreps_jax.cli import main
 from mapreps_jax.networks import torch_pickle
@@ -74,7 +75,7 @@ def fake_restore(monkeypatch):
 @pytest.fixture(scope="module")
 def pngs(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad_inputs")
-    from mapreps_jax.datasets import load_digits
+    from mapreps_jax.app.datasets import load_digits
 
     x, _ = load_digits("test")
     Image.fromarray(x[3, ..., 0]).save(d / "digit.png")
@@ -181,7 +182,7 @@ def test_a_write_failing_part_way_leaves_the_previous_output_untouched(pngs, tmp
     base = ["restore", "--task", "sr4", "--input", str(pngs / "digit.png"), "--out", str(out)]
     assert _run(capsys, [*base, "--t0", "0,600"])[0] == 0
     before = {f: (out / f).read_bytes() for f in os.listdir(out)}
-    real_write, calls = pretrained._write_file, []
+    real_write, calls = checkpoint_io._write_file, []
 
     def disk_full_on_second(path, data):
         calls.append(path)
@@ -189,7 +190,7 @@ def test_a_write_failing_part_way_leaves_the_previous_output_untouched(pngs, tmp
             raise OSError(errno.ENOSPC, "No space left on device", path)
         real_write(path, data)
 
-    monkeypatch.setattr(pretrained, "_write_file", disk_full_on_second)
+    monkeypatch.setattr(checkpoint_io, "_write_file", disk_full_on_second)
     rc, _, err = _run(capsys, [*base, "--t0", "0,100,200", "--overwrite"])
     assert rc == 1 and "No space left on device" in _one_clear_line(err, "restore")
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before  # no new file beside the old ones
@@ -201,7 +202,7 @@ def test_write_output_set_into_new_and_empty_folders_with_umask_modes(tmp_path):
     try:
         (tmp_path / "empty").mkdir()
         for name in ("new/deeper", "empty"):
-            path = pretrained.write_output_set(str(tmp_path / name), {"a.json": b"{}", "b.png": b"x"})
+            path = checkpoint_io.write_output_set(str(tmp_path / name), {"a.json": b"{}", "b.png": b"x"})
             assert sorted(os.listdir(path)) == ["a.json", "b.png"]
             assert os.stat(path).st_mode & 0o777 == 0o755
             assert os.stat(os.path.join(path, "a.json")).st_mode & 0o777 == 0o644

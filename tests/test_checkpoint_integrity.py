@@ -21,9 +21,9 @@ import mapreps_jax.networks.registry as reg
 from mapreps_jax.cli import main
 from mapreps_jax.diffusion import linear_betas, make_schedule
 from mapreps_jax.networks import ADMConfig, init_adm_params, load_converted, save_converted
-from mapreps_jax.pretrained import (MANIFEST_NAME, default_checkpoint_dir, load_classifier, load_default_prior,
-                                    restore_pytree, save_prior, save_pytree, schedule_metadata,
-                                    verify_checkpoint_files, write_manifest)
+from mapreps_jax.app.pretrained import load_classifier, load_default_prior, save_prior
+from mapreps_jax.checkpoint_io import (MANIFEST_NAME, default_checkpoint_dir, restore_pytree, save_pytree,
+                                       schedule_metadata, verify_checkpoint_files, write_manifest)
 
 BUNDLE = default_checkpoint_dir() if not os.environ.get("MAPREPS_CHECKPOINTS") else None
 REPO_BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "default")

@@ -1,4 +1,4 @@
-"""The bundled digit classifier (checkpoints/default/classifier) and digit-FD (mapreps_jax.perception)."""
+"""The bundled digit classifier (checkpoints/default/classifier) and digit-FD (mapreps_jax.app.perception)."""
 
 import json
 import os
@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mapreps_jax import perception as P
-from mapreps_jax.datasets import load_digits, to_model_range
-from mapreps_jax.networks import classifier as C
-from mapreps_jax.pretrained import (default_checkpoint_dir, load_classifier, load_default_prior,
-                                    replace_dir_atomic, restore_pytree, save_pytree)
+from mapreps_jax.app import perception as P
+from mapreps_jax.app.datasets import load_digits, to_model_range
+from mapreps_jax.app import classifier as C
+from mapreps_jax.app.pretrained import load_classifier, load_default_prior
+from mapreps_jax.checkpoint_io import default_checkpoint_dir, replace_dir_atomic, restore_pytree, save_pytree
 
 
 @pytest.fixture(scope="module")

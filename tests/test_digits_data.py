@@ -1,4 +1,4 @@
-"""The bundled digits data (mapreps_jax/data/digits.npz) and its loader."""
+"""The bundled digits data (mapreps_jax/app/data/digits.npz) and its loader."""
 
 import hashlib
 import os
@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from mapreps_jax import datasets as D
+from mapreps_jax.app import datasets as D
 
 
 def test_shapes_dtypes_and_ranges():

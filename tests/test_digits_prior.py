@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from mapreps_jax.baselines import prior_sample
-from mapreps_jax.datasets import load_digits, to_model_range
+from mapreps_jax.app.datasets import load_digits, to_model_range
 from mapreps_jax.metrics import psnr
-from mapreps_jax.perception import digit_fd
-from mapreps_jax.pretrained import load_default_prior
+from mapreps_jax.app.perception import digit_fd
+from mapreps_jax.app.pretrained import load_default_prior
 
 # Minimum PSNR gain (dB) of the one-step Tweedie denoiser over the noisy input on 64 held-out digits, per noise std
 # ([-1, 1] units). Measured with the committed checkpoint (step 5041): +8.4, +9.6, +11.3 dB (README "Bundled digits prior").

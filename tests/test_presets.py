@@ -132,7 +132,7 @@ def test_restore_cli_with_a_preset_on_a_converted_network(tmp_path, capsys):
 
     from mapreps_jax.cli import main
     from mapreps_jax.networks import save_converted
-    from mapreps_jax.digits import png_bytes
+    from mapreps_jax.app.digits import png_bytes
     from mapreps_jax.presets import read_image_png, restore_preset_files
 
     cfg = mr.ADMConfig.tiny(channel_mult=(1,), attention_resolutions=(16,))

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from mapreps_jax.cli import main
-from mapreps_jax.datasets import load_digits
+from mapreps_jax.app.datasets import load_digits
 
 
 @pytest.fixture(scope="module")

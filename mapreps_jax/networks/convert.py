@@ -24,7 +24,7 @@ A converted checkpoint is a directory::
 
 written to a temporary sibling directory and renamed into place (no partial output), with the modes a plain
 ``mkdir`` / ``open`` would give (the umask), not ``mkdtemp``'s private ``0700``. ``schedule`` (the diffusion
-schedule the network was trained with, :func:`mapreps_jax.pretrained.schedule_metadata`) and ``files`` (SHA-256
+schedule the network was trained with, :func:`mapreps_jax.checkpoint_io.schedule_metadata`) and ``files`` (SHA-256
 and size of every file under ``params/``) were added within version 1: :func:`load_converted` reads older
 metadata without them (linear schedule; no per-file check). The per-file check runs before orbax reads anything,
 so a truncated or altered file is one ``ValueError`` naming it; the params checksum is checked after restoring.
@@ -51,6 +51,7 @@ import numpy as np
 
 from ..integrity import file_records, sha256_file, verify_file_records
 from .adm import ADMConfig, param_shapes
+from .layouts import from_torch, layout_of, path_names, to_torch_state_dict, torch_shape
 
 __all__ = [
     "convert_adm_state_dict",
@@ -79,10 +80,6 @@ _SUB = re.compile(r"^(in_layers|out_layers|emb_layers)_(\d+)$")
 _CONV1D = ("qkv", "proj_out")
 
 
-def _path_names(path) -> Tuple[str, ...]:
-    return tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
-
-
 def torch_key_for(flax_path: Tuple[str, ...]) -> str:
     """The guided-diffusion state-dict key of a Flax param path, e.g.
     ``("input_blocks_1_0", "in_layers_2", "kernel") -> "input_blocks.1.0.in_layers.2.weight"``."""
@@ -107,65 +104,14 @@ def _kind(flax_path, ndim: int) -> str:
     return "vector"
 
 
-def _torch_shape(kind, flax_shape):
-    if kind == "conv":
-        kh, kw, i, o = flax_shape
-        return (o, i, kh, kw)
-    if kind == "conv1d":
-        i, o = flax_shape
-        return (o, i, 1)
-    if kind == "linear":
-        i, o = flax_shape
-        return (o, i)
-    return tuple(flax_shape)
-
-
-def _to_flax(kind, a: np.ndarray) -> np.ndarray:
-    if kind == "conv":
-        return np.transpose(a, (2, 3, 1, 0))
-    if kind == "conv1d":
-        return np.transpose(a[:, :, 0], (1, 0))
-    if kind == "linear":
-        return np.transpose(a, (1, 0))
-    return a
-
-
-def _to_torch(kind, a: np.ndarray) -> np.ndarray:
-    if kind == "conv":
-        return np.transpose(a, (3, 2, 0, 1))
-    if kind == "conv1d":
-        return np.transpose(a, (1, 0))[:, :, None]
-    if kind == "linear":
-        return np.transpose(a, (1, 0))
-    return a
-
-
 def _layout(config: ADMConfig):
-    """``[(flax_path, torch_key, kind, flax_shape)]`` for every parameter of the model (no computation)."""
-    shapes = param_shapes(config)
-    out = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
-        names = _path_names(path)
-        kind = _kind(names, len(leaf.shape))
-        out.append((names, torch_key_for(names), kind, tuple(leaf.shape)))
-    return out
+    """``((flax_path, torch_key, kind, flax_shape), ...)`` for every parameter of the model (no computation)."""
+    return layout_of(param_shapes(config), torch_key_for, _kind)
 
 
 def expected_torch_shapes(config: ADMConfig) -> Dict[str, Tuple[int, ...]]:
     """``{torch key: torch shape}`` of a guided-diffusion state dict for ``config`` (derived from the Flax model)."""
-    return {key: _torch_shape(kind, shp) for _, key, kind, shp in _layout(config)}
-
-
-def _set(tree, path, value):
-    for p in path[:-1]:
-        tree = tree.setdefault(p, {})
-    tree[path[-1]] = value
-
-
-def _fmt_list(xs, n=8):
-    xs = list(xs)
-    s = ", ".join(xs[:n])
-    return s + (f", ... ({len(xs)} in all)" if len(xs) > n else "")
+    return {key: torch_shape(kind, shp) for _, key, kind, shp in _layout(config)}
 
 
 def convert_adm_state_dict(sd: Mapping[str, np.ndarray], config: ADMConfig):
@@ -176,49 +122,12 @@ def convert_adm_state_dict(sd: Mapping[str, np.ndarray], config: ADMConfig):
     """
     if not isinstance(config, ADMConfig):
         raise TypeError(f"convert_adm_state_dict: config must be an ADMConfig, got {type(config).__name__}")
-    layout = _layout(config)
-    expected = {key: (path, kind, _torch_shape(kind, shp)) for path, key, kind, shp in layout}
-    given = set(sd)
-    missing = sorted(set(expected) - given)
-    unexpected = sorted(given - set(expected))
-    misshaped = sorted(f"{k} (expected {expected[k][2]}, got {tuple(np.shape(sd[k]))})"
-                       for k in set(expected) & given if tuple(np.shape(sd[k])) != expected[k][2])
-    nonfloat = sorted(f"{k} ({np.asarray(sd[k]).dtype})" for k in set(expected) & given
-                      if not np.issubdtype(np.asarray(sd[k]).dtype, np.floating)
-                      and str(np.asarray(sd[k]).dtype) != "bfloat16")
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_fmt_list(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_fmt_list(unexpected)}")
-    if misshaped:
-        problems.append(f"mis-shaped keys: {_fmt_list(misshaped)}")
-    if nonfloat:
-        problems.append(f"non-floating keys: {_fmt_list(nonfloat)}")
-    if problems:
-        raise ValueError(f"state dict does not match the ADM config ({len(expected)} tensors expected, "
-                         f"{len(given)} given): " + "; ".join(problems))
-    params: dict = {}
-    for key, (path, kind, _) in expected.items():
-        a = np.asarray(sd[key]).astype(np.float32)
-        _set(params, path, np.ascontiguousarray(_to_flax(kind, a)))
-    return params
+    return from_torch(sd, _layout(config), "the ADM config")
 
 
 def flax_to_torch_state_dict(params, config: ADMConfig) -> Dict[str, np.ndarray]:
     """The inverse of :func:`convert_adm_state_dict`: guided-diffusion-layout numpy state dict from Flax params."""
-    flat = {_path_names(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    out = {}
-    for path, key, kind, shp in _layout(config):
-        if path not in flat:
-            raise ValueError(f"flax_to_torch_state_dict: params lack {'/'.join(path)}")
-        if tuple(flat[path].shape) != shp:
-            raise ValueError(f"flax_to_torch_state_dict: {'/'.join(path)} has shape {flat[path].shape}, expected {shp}")
-        out[key] = np.ascontiguousarray(_to_torch(kind, flat[path]))
-    if len(flat) != len(out):
-        extra = sorted("/".join(p) for p in set(flat) - {p for p, *_ in _layout(config)})
-        raise ValueError(f"flax_to_torch_state_dict: unexpected params {_fmt_list(extra)}")
-    return out
+    return to_torch_state_dict(params, _layout(config), "flax_to_torch_state_dict")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -259,7 +168,7 @@ def read_manifest(name: str) -> Dict[str, Tuple[int, ...]]:
 def params_sha256(params) -> str:
     """SHA-256 over every leaf (path, dtype, shape, little-endian bytes), in path order."""
     h = hashlib.sha256()
-    leaves = sorted(((_path_names(p), v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]),
+    leaves = sorted(((path_names(p), v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]),
                     key=lambda kv: kv[0])
     for path, v in leaves:
         a = np.ascontiguousarray(np.asarray(v))
@@ -328,10 +237,10 @@ def save_converted(dst, params, config: ADMConfig, source_sha256: Optional[str] 
     SHA-256, per-file SHA-256) under ``dst``.
 
     Written to a temporary sibling directory, then renamed into place. ``schedule`` is a record of
-    :func:`mapreps_jax.pretrained.schedule_metadata` (default: linear, 1000 steps, the ADM models' schedule).
+    :func:`mapreps_jax.checkpoint_io.schedule_metadata` (default: linear, 1000 steps, the ADM models' schedule).
     ``overwrite`` replaces only an empty folder or a converted checkpoint. Returns the absolute ``dst``.
     """
-    from ..pretrained import schedule_metadata
+    from ..checkpoint_io import schedule_metadata
 
     dst = check_replaceable(dst, overwrite)
     if schedule is None:
@@ -426,7 +335,7 @@ def load_converted(path, expected_config: Optional[ADMConfig] = None,
     ``verify``) hash to the recorded ``params_sha256``; with ``verify``, before orbax reads anything, every file
     under ``params/`` matches the size and SHA-256 recorded in ``meta["files"]`` (when recorded). Any failure is a
     ``ValueError`` saying which. ``meta["schedule"]`` is the recorded diffusion schedule (absent in older
-    checkpoints: read it with :func:`mapreps_jax.pretrained.schedule_from_metadata`, which defaults to linear).
+    checkpoints: read it with :func:`mapreps_jax.checkpoint_io.schedule_from_metadata`, which defaults to linear).
     """
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
@@ -526,7 +435,7 @@ def convert_command(argv) -> int:
     elif argv and not argv[0].startswith("-"):
         print(f"mapreps convert: unknown network kind {argv[0]!r} (supported: adm, sd, ldm-ffhq)", file=sys.stderr)
         return 2
-    from ..pretrained import schedule_metadata
+    from ..checkpoint_io import schedule_metadata
 
     args = _parser().parse_args(argv)
     try:

@@ -5,7 +5,7 @@ how to obtain the weights); :func:`register_model` adds entries (e.g. the librar
 
 The checkpoints directory (the *checkpoint root*) is, in order: the ``checkpoints_dir`` argument,
 ``$MAPREPS_CHECKPOINTS``, ``./checkpoints``. ``$MAPREPS_CHECKPOINTS`` means the same in
-:mod:`mapreps_jax.pretrained`: the root that holds ``default/`` (the bundled digits prior) and the converted model
+:mod:`mapreps_jax.checkpoint_io`: the root that holds ``default/`` (the bundled digits prior) and the converted model
 folders (``<root>/adm-ffhq256``, ...). A root that does not exist is reported as such.
 
 The diffusion schedule of a loaded model is the one recorded in its ``meta.json`` (``schedule``: kind, ``T`` and
@@ -89,8 +89,7 @@ def _latent_loader(path, entry, dtype=None, remat=None):
 
 
 def _latent_hint(kind, src, subdir, extra=""):
-    return (f"  mapreps convert {kind} --src {src}{extra} --dst checkpoints/{subdir}
-"
+    return (f"  mapreps convert {kind} --src {src}{extra} --dst checkpoints/{subdir}\n"
             f"(no torch needed). See checkpoints/README.md.")
 
 
@@ -98,14 +97,12 @@ _REGISTRY["sd15"] = ModelEntry(
     config=lambda: None, subdir="sd15", schedule="scaled_linear", loader=_latent_loader,
     how_to_obtain=("Download Stable Diffusion v1.5 in the diffusers layout (the 'vae/' and 'unet/' folders with "
                    "config.json and diffusion_pytorch_model.safetensors, and 'scheduler/scheduler_config.json', from "
-                   "the model card of stable-diffusion-v1-5 on the Hugging Face hub), then convert it once:
-"
+                   "the model card of stable-diffusion-v1-5 on the Hugging Face hub), then convert it once:\n"
                    + _latent_hint("sd", "SD15_FOLDER", "sd15")))
 _REGISTRY["ldm-ffhq256"] = ModelEntry(
     config=lambda: None, subdir="ldm-ffhq256", schedule="ldm_linear", loader=_latent_loader,
     how_to_obtain=("Download the CompVis latent-diffusion FFHQ-256 model ('ffhq-ldm-vq-4', model.ckpt, linked from "
-                   "the 'Pretrained LDMs' table of github.com/CompVis/latent-diffusion), then convert it once:
-"
+                   "the 'Pretrained LDMs' table of github.com/CompVis/latent-diffusion), then convert it once:\n"
                    + _latent_hint("ldm-ffhq", "model.ckpt", "ldm-ffhq256", " --ema")))
 
 
@@ -132,7 +129,7 @@ def default_checkpoints_dir() -> str:
 
 
 def _schedule(meta: dict, path: str):
-    from ..pretrained import schedule_from_metadata
+    from ..checkpoint_io import schedule_from_metadata
 
     return schedule_from_metadata({"schedule": meta["schedule"]} if "schedule" in meta else {},
                                   where=f"{path}/meta.json")

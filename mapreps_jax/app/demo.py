@@ -1,6 +1,6 @@
 """``mapreps demo``: the distortion-perception traversal on real handwritten digits with the bundled prior.
 
-On the first ``n_images`` held-out digits, for each task of :data:`~mapreps_jax.digits.DEMO_TASKS` (super-resolution
+On the first ``n_images`` held-out digits, for each task of :data:`~mapreps_jax.app.digits.DEMO_TASKS` (super-resolution
 x4, 12x12 box inpainting, Gaussian deblur, denoising):
 
 * **MAP-RPS**: Stage 1 (``N`` steps of the preset's solver, proximal gradient, with the task's ``t1``, ``w`` and
@@ -12,14 +12,14 @@ x4, 12x12 box inpainting, Gaussian deblur, denoising):
 
 All tasks run as ONE batch through :func:`~mapreps_jax.operators.stack_operators` (one compiled program per
 algorithm for all tasks; per-image ``sigma_y``, ``w``, ``eta`` and ``zeta``). Distortion is RMSE on [0, 1] (mean over images);
-perception is digit-FD to the 500 held-out digits (:mod:`~mapreps_jax.perception`; not FID, biased upwards for
+perception is digit-FD to the 500 held-out digits (:mod:`~mapreps_jax.app.perception`; not FID, biased upwards for
 small sets: ``digit_fd_clean`` reports the value of the clean images themselves at the same set size).
 NFE per image: MAP-RPS sweep ``N + sum_t0 min(K, t0)``, DPS ``K``, RED-diff ``S``.
 
 Outputs (:func:`write_demo`): ``dp_curve.png`` (RMSE against digit-FD, one line per method, ``t0`` labelled),
 ``grid.png`` (truth, measurement, MAP, each ``t0``, DPS, RED-diff), ``metrics.json``; written as a unit (a
 temporary folder beside ``out_dir``, renamed into place: never a mix of two runs), into a new or empty folder, or
-with ``overwrite`` over a previous demo output (:func:`mapreps_jax.pretrained.write_output_set`).
+with ``overwrite`` over a previous demo output (:func:`mapreps_jax.checkpoint_io.write_output_set`).
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .baselines import REDDiffConfig, red_diff
+from ..baselines import REDDiffConfig, red_diff
 from .digits import DEMO_TASKS, dps_zeta, make_task, map_config
-from .map_rps import dp_sweep, rps_jit
-from .metrics import rmse
-from .operators import stack_operators
-from .rng import image_keys
-from .samplers import DPSStep
+from ..map_rps import dp_sweep, rps_jit
+from ..metrics import rmse
+from ..operators import stack_operators
+from ..rng import image_keys
+from ..samplers import DPSStep
 
 __all__ = ["DemoConfig", "QUICK", "FD_MIN_IMAGES", "DEMO_FILES", "run_demo", "write_demo", "demo_figures",
            "dp_curve_figure", "figure_png", "nfe_budget", "is_demo_file", "dumps_json"]
@@ -360,7 +360,7 @@ def figure_png(fig) -> bytes:
 def write_demo(result: dict, out_dir: str, overwrite: bool = False) -> list:
     """Write ``dp_curve.png``, ``grid.png`` and ``metrics.json`` as the content of ``out_dir``, as a unit (see
     module doc; ``overwrite`` replaces a previous demo output, never other files). Returns the file names."""
-    from .pretrained import write_output_set
+    from ..checkpoint_io import write_output_set
 
     files = demo_figures(result)
     files["metrics.json"] = (dumps_json(result["metrics"], "metrics.json") + "\n").encode("utf-8")

@@ -1,7 +1,8 @@
-"""Bundled checkpoints (``checkpoints/default/``), checksum manifests, output sets and atomic orbax I/O.
+"""Checkpoint and output I/O: the checkpoint root, checksum manifests, atomic orbax pytree save/restore, diffusion
+schedule records, output sets. The digits application's bundled models are loaded by :mod:`mapreps_jax.app.pretrained`.
 
 **Where checkpoints live.** ``$MAPREPS_CHECKPOINTS``, when set, is the *checkpoint root*: the folder that holds
-``default/`` (the bundled digits prior and classifier, this module) and the converted model folders
+``default/`` (the bundled digits prior and classifier, :mod:`mapreps_jax.app.pretrained`) and the converted model folders
 (``adm-ffhq256/``, ... : :mod:`mapreps_jax.networks.registry`). It means the same thing in both modules. Unset,
 this module uses ``<repository>/checkpoints`` (:func:`checkpoints_root`) and the registry ``./checkpoints``. A
 ``$MAPREPS_CHECKPOINTS`` that names a missing folder, or the ``default/`` bundle itself, is an error that says so.
@@ -9,7 +10,7 @@ this module uses ``<repository>/checkpoints`` (:func:`checkpoints_root`) and the
 Layout of ``<root>/default/`` (written by ``scripts/train_classifier.py`` and
 ``scripts/train_digits_diffusion.py``)::
 
-    classifier/          orbax pytree {"params": ...} of mapreps_jax.networks.classifier.DigitClassifier
+    classifier/          orbax pytree {"params": ...} of mapreps_jax.app.classifier.DigitClassifier
     classifier.json      architecture, held-out accuracy, training settings
     diffusion/           tree/ (orbax pytree {"params": EMA params of the ADM UNet}) + info.json (step, EMA decay)
     train_state/         the training state (resumes scripts/train_digits_diffusion.py)
@@ -22,7 +23,7 @@ Layout of ``<root>/default/`` (written by ``scripts/train_classifier.py`` and
 it (when the manifest lists that folder) *before* orbax reads anything: a flipped byte, a truncated, missing or
 extra file is one ``ValueError`` naming the file and what was expected. :func:`save_pytree` refreshes the
 manifest's entries of the folder it writes when a manifest exists, and :func:`write_manifest` records one.
-:func:`load_default_prior` also checks the restored parameter tree against the ADM config (a reshaped or missing
+:func:`~mapreps_jax.app.pretrained.load_default_prior` also checks the restored parameter tree against the ADM config (a reshaped or missing
 tensor is named).
 
 Every directory is written to a temporary sibling first and then swapped in with one ``rename`` (an atomic
@@ -55,7 +56,6 @@ __all__ = [
     "verify_checkpoint_files",
     "schedule_metadata",
     "schedule_from_metadata",
-    "save_prior",
     "check_param_tree",
     "check_output_dir",
     "check_output_file",
@@ -65,9 +65,6 @@ __all__ = [
     "replace_dir_atomic",
     "write_text_atomic",
     "write_bytes_atomic",
-    "load_classifier",
-    "load_default_prior",
-    "load_default_prior_config",
 ]
 
 
@@ -355,7 +352,7 @@ def verify_checkpoint_files(path: str) -> bool:
     mp = os.path.join(root, MANIFEST_NAME)
     hint = (f"the checkpoint is damaged or was modified: restore the original files (the bundled one: git checkout "
             f"-- checkpoints/default) or, if you changed it on purpose, re-record the manifest with "
-            f"mapreps_jax.pretrained.write_manifest({root!r})")
+            f"mapreps_jax.checkpoint_io.write_manifest({root!r})")
     verify_file_records(root, sub, want, mp, hint)
     return True
 
@@ -499,7 +496,7 @@ def write_output_set(path: str, files: Dict[str, bytes], overwrite: bool = False
     return path
 
 
-# --------------------------------------------------------------------------------------------- bundled models
+# --------------------------------------------------------------------------------------------- parameter trees
 
 
 def _tree_shapes(tree) -> Dict[str, Tuple[int, ...]]:
@@ -524,88 +521,3 @@ def check_param_tree(params, expected, where: str) -> None:
     if problems:
         raise ValueError(f"{where}: parameters do not match the architecture ({len(want)} tensors expected, "
                          f"{len(got)} found): " + "; ".join(problems))
-
-
-def load_classifier(path: Optional[str] = None):
-    """Parameters of the bundled digit classifier (``<checkpoints>/classifier``), a pytree of NumPy arrays for
-    :func:`mapreps_jax.networks.classifier.logits` / ``features``."""
-    import jax
-
-    from .networks.classifier import init_classifier_params
-
-    path = os.path.abspath(path) if path else os.path.join(bundle_dir(), "classifier")
-    tree = restore_pytree(path)
-    if not isinstance(tree, dict) or "params" not in tree:
-        raise ValueError(f"classifier checkpoint at {path!r}: expected key 'params', got "
-                         f"{sorted(tree) if isinstance(tree, dict) else type(tree).__name__}")
-    check_param_tree(tree["params"], jax.eval_shape(init_classifier_params, jax.random.PRNGKey(0)),
-                     f"classifier checkpoint {path}")
-    return tree["params"]
-
-
-def load_default_prior_config(path: Optional[str] = None) -> dict:
-    """``config.json`` of the bundled diffusion prior (``adm`` config dict, ``schedule``, training settings)."""
-    root = bundle_dir(path)
-    return read_json(os.path.join(root, "config.json"))
-
-
-def load_default_prior(path: Optional[str] = None, name: str = "digits-adm"):
-    """The bundled digits prior as a :class:`~mapreps_jax.model.ScoreModel` (EMA weights, epsilon prediction,
-    the schedule recorded in ``config.json``: linear, 1000 steps): images ``[B, 32, 32, 1]`` in ``[-1, 1]``.
-
-    Args:
-      path: checkpoint folder holding ``config.json`` and ``diffusion/`` (default :func:`default_checkpoint_dir`).
-
-    Raises:
-      FileNotFoundError: no such folder (or ``$MAPREPS_CHECKPOINTS`` names a missing folder).
-      ValueError: a damaged checkpoint (checksum, size, missing/extra file; see :func:`verify_checkpoint_files`),
-        an invalid ``config.json`` or schedule, or parameters that do not match the ADM config (named).
-    """
-    from .networks.adm import ADMConfig, adm_score_model, param_shapes
-
-    root = bundle_dir(path)
-    cfg = load_default_prior_config(root)
-    cfg_path = os.path.join(root, "config.json")
-    if not isinstance(cfg.get("adm"), dict):
-        raise ValueError(f"{cfg_path}: expected an 'adm' object (the network config)")
-    try:
-        config = ADMConfig.from_dict(cfg["adm"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{cfg_path}: invalid 'adm' config ({e})") from e
-    schedule, _ = schedule_from_metadata(cfg, where=cfg_path)
-    diff_dir = os.path.join(root, "diffusion")
-    tree = restore_pytree(diff_dir)
-    if not isinstance(tree, dict) or "params" not in tree:
-        raise ValueError(f"{diff_dir}: expected a pytree with key 'params'")
-    check_param_tree(tree["params"], param_shapes(config), f"diffusion checkpoint {diff_dir}")
-    params = jax_tree_to_jnp(tree["params"])
-    return adm_score_model(config, params, schedule, name=name)
-
-
-def save_prior(root: str, params, config, schedule: Optional[dict] = None, extra_config: Optional[dict] = None,
-               info: Optional[dict] = None) -> None:
-    """Write a diffusion prior in the bundled layout: ``root/diffusion/`` (atomic; ``info.json``) and
-    ``root/config.json`` with the ADM config and the schedule record (``schedule`` from :func:`schedule_metadata`,
-    default linear 1000 steps, stored as ``schedule`` kind, ``T`` and ``schedule_params`` so that older readers
-    still see the kind), then refresh ``checksums.json``. :func:`load_default_prior` reads it back."""
-    from .networks.adm import param_shapes
-
-    record = schedule or schedule_metadata()
-    record = schedule_metadata(record["kind"], record["T"], **record.get("params", {}))
-    check_param_tree(params, param_shapes(config), "save_prior: params")
-    root = os.path.abspath(os.fspath(root))
-    os.makedirs(root, exist_ok=True)
-    save_pytree(os.path.join(root, "diffusion"), {"params": params},
-                extra_files={"info.json": json.dumps(info or {}, indent=2) + "\n"})
-    cfg = dict(extra_config or {})
-    cfg.update({"adm": config.to_dict(), "schedule": record["kind"], "T": record["T"],
-                "schedule_params": record["params"]})
-    write_text_atomic(os.path.join(root, "config.json"), json.dumps(cfg, indent=2) + "\n")
-    write_manifest(root)
-
-
-def jax_tree_to_jnp(tree):
-    import jax
-    import jax.numpy as jnp
-
-    return jax.tree_util.tree_map(jnp.asarray, tree)
