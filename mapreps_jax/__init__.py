@@ -36,7 +36,7 @@ from .operators import Operator, make_operator, custom_operator, stack_operators
 from .priors import (GaussianPrior, GMMPrior, GaussianPosterior, GMMPosterior, SVDGains, operator_matrix, gaussian_w2, gaussian_fit, ideal_dp_curve, oracle_map_rps_dp,
                      stage1_fixed_point, svd_gains)
 from .map_stage import MAPConfig, MAPInfo, map_estimate, map_estimate_trace, principled_weight, prox_data_fit
-from .samplers import (DPSStep, DDPMStep, DDNMStep, PiGDMStep, DMPSStep, SAMPLERS, make_sampler, SamplerState,
+from .samplers import (DPSStep, DDPMStep, DDNMStep, PiGDMStep, DMPSStep, PSLDStep, SAMPLERS, make_sampler, SamplerState,
                        StepInfo)
 from .rps_stage import rps, rps_trace, reverse_loop, subgrid_times, stage2_nfe
 from .continuous import rps_sde

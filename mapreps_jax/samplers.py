@@ -43,15 +43,15 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from .diffusion import _bcast, ddim_sigma_log, ddim_step, eps_from_x0, learned_range_std, log_alpha_bar
+from .diffusion import _bcast, ddim_sigma_log, ddim_step, eps_from_x0, learned_range_std, log_alpha_bar, safe_sqrt
 from .config import pytree_config, static
 from .linalg import cg_solve
-from .rng import image_keys, normal_like
+from .rng import fold_keys, image_keys, normal_like
 from .space import Problem
 from .validation import check_scalar
 
-__all__ = ["DDPMStep", "DPSStep", "DDNMStep", "PiGDMStep", "DMPSStep", "SAMPLERS", "make_sampler", "SamplerState",
-           "StepInfo"]
+__all__ = ["DDPMStep", "DPSStep", "DDNMStep", "PiGDMStep", "DMPSStep", "PSLDStep", "SAMPLERS", "make_sampler",
+           "SamplerState", "StepInfo"]
 
 
 class SamplerState(NamedTuple):
@@ -83,6 +83,7 @@ class _StepRule:
         return self.one_step(key, problem, self.init(problem, x), t, t_next)[0].x
 
 _VARIANCES = ("ddim", "learned", "learned_official")
+_GRAD_SCALES = ("one", "alpha_bar")
 _MEANS = ("rederived", "raw")
 
 
@@ -157,10 +158,13 @@ class DPSStep(_StepRule):
 
     ``g = grad_{x_t} ||y - A(D(x0(x_t)))||`` (the norm; ``loss="sq"`` uses its square; ``D`` the decoder of a
     latent model, the identity in pixel space), then
-    ``x_next = move(x_t, x0) - zeta g``. ``noise_scale`` (lambda in [0, 1]) scales the stochastic term
-    (VSDPS); ``clip`` clips Tweedie to [-1, 1] (on for image priors, off on the exact testbed).
+    ``x_next = move(x_t, x0) - zeta c g``. ``noise_scale`` (lambda in [0, 1]) scales the stochastic term
+    (VSDPS); ``clip`` clips the clean estimate to [-1, 1] in pixel space (on for image priors, off on the exact
+    testbed): the Tweedie estimate itself in pixel space, the decoded ``D(x0)`` inside the data fit in a latent space
+    (the paper's SD code; its LDM code does not clip). ``grad_scale``: ``c = 1`` (``"one"``) or ``c = alpha_bar(t)``
+    (``"alpha_bar"``, the paper's latent code: ``g = a_i grad ||y - A D(z0)||^2``).
     ``mean`` / ``variance``: the clean move (default) or the paper code's details (module doc;
-    :meth:`official`). Costs one network forward + VJP per step.
+    :meth:`official`, :meth:`official_latent`). Costs one network forward + VJP per step.
     """
 
     zeta: Any = 1.0
@@ -170,11 +174,13 @@ class DPSStep(_StepRule):
     loss: str = static("norm")
     variance: str = static("ddim")
     mean: str = static("rederived")
+    grad_scale: str = static("one")
 
     def __post_init__(self):
         _check_static(self, "variance", _VARIANCES)
         _check_static(self, "loss", ("norm", "sq"))
         _check_static(self, "mean", _MEANS)
+        _check_static(self, "grad_scale", _GRAD_SCALES)
         _check_numbers(self, zeta=None, eta=0.0, noise_scale=0.0)
 
     @classmethod
@@ -184,13 +190,21 @@ class DPSStep(_StepRule):
         learned variance."""
         return cls(zeta=zeta, mean="raw", variance=variance, **kwargs)
 
+    @classmethod
+    def official_latent(cls, zeta=1.0, clip: bool = True, stable: bool = False, **kwargs) -> "DPSStep":
+        """The latent Stage-2 step of the paper's code (``ALGORITHMS.md`` section 4): raw-``eps`` DDPM move,
+        ``g = alpha_bar(t) grad ||y - A(x)||^2`` (the norm when ``stable``), ``x = D(z0)`` clipped for SD
+        (``clip=True``) and not for LDM (``clip=False``)."""
+        return cls(zeta=zeta, mean="raw", loss="norm" if stable else "sq", grad_scale="alpha_bar", clip=clip,
+                   **kwargs)
+
     def one_step(self, key, problem, state, t, t_next):
         model, x = problem.model, state.x
         a_t, a_n = model.alpha_bar(t), model.alpha_bar(t_next)
 
         def fit(xx):
             x0, e, v = problem.tweedie(xx, t, self.clip)
-            per = problem.data_fit(x0, self.loss)
+            per = problem.data_fit(x0, self.loss, clip=self.clip)
             return jnp.sum(per), (x0, e, v, per)
 
         g, (x0, e, v, per) = jax.grad(fit, has_aux=True)(x)
@@ -198,6 +212,8 @@ class DPSStep(_StepRule):
         x_next = _move(key, model, x, x0, t, t_next, a_t, a_n, self.eta, v, self.variance, self.noise_scale,
                        self.mean, e)
         res = jax.lax.stop_gradient(per if self.loss == "norm" else jnp.sqrt(per))
+        if self.grad_scale == "alpha_bar":
+            g = a_t * g
         return SamplerState(x_next - self.zeta * g, state.extra), StepInfo(x0, res)
 
 
@@ -344,11 +360,102 @@ class DMPSStep(_StepRule):
         return SamplerState(x_next, state.extra), StepInfo(x0c, problem.residual_norm(x0c))
 
 
-SAMPLERS = {"dps": DPSStep, "ddpm": DDPMStep, "ddnm": DDNMStep, "pigdm": PiGDMStep, "dmps": DMPSStep}
+_PROJECTIONS = ("transpose", "pinv")
+
+
+@pytree_config
+class PSLDStep(_StepRule):
+    """Posterior sampling with latent diffusion (PSLD, Rout et al. 2023): the DPS step plus a "gluing" term that
+    pulls the clean latent towards the encoding of its own measurement-consistent projection:
+
+        x = D(z0)  (clipped to [-1, 1] when ``clip``),   n' ~ N(0, I) fresh each step
+        data = ||y - A x - sigma_y n'||                  (``loss="sq"``: squared)
+        glue = ||z0 - E(sg(P(x)))||                      (``glue_loss="sq"``: squared)
+        P(x) = A^T y + (I - A^T A) x    (``projection="transpose"``, PSLD's)
+             = x + A_pinv (y - A x)     (``projection="pinv"``, the MAP-RPS code's variant)
+        z_next = move(z_t, z0) - zeta c grad_{z_t} (data + gamma glue)
+
+    with the shared move of the module doc and ``c`` as in :class:`DPSStep` (``grad_scale``). Defaults are PSLD's
+    (norms, ``A^T``, ``gamma = 0.1``, ``zeta = 1``); :meth:`official_lmap` is the variant of the paper's LMAP-RPS code
+    (``ALGORITHMS.md`` section 4). ``gamma = 0`` is :class:`DPSStep` (plus the ``sigma_y n'`` draw). Linear
+    operators only (``A^T`` / ``A_pinv``); it runs in pixel space too (``E``, ``D`` the identity). ``sigma_y`` in
+    [-1, 1] units. Costs one network forward + VJP, one decoder forward + VJP and one encoder forward per step.
+    """
+
+    zeta: Any = 1.0
+    gamma: Any = 0.1
+    sigma_y: Any = 0.0
+    eta: Any = 1.0
+    noise_scale: Any = 1.0
+    clip: bool = static(True)
+    loss: str = static("norm")
+    glue_loss: str = static("norm")
+    projection: str = static("transpose")
+    mean: str = static("rederived")
+    grad_scale: str = static("one")
+
+    def __post_init__(self):
+        _check_static(self, "loss", ("norm", "sq"))
+        _check_static(self, "glue_loss", ("norm", "sq"))
+        _check_static(self, "projection", _PROJECTIONS)
+        _check_static(self, "mean", _MEANS)
+        _check_static(self, "grad_scale", _GRAD_SCALES)
+        _check_numbers(self, zeta=None, gamma=0.0, sigma_y=0.0, eta=0.0, noise_scale=0.0)
+
+    @classmethod
+    def official_lmap(cls, zeta=1.0, gamma=0.1, sigma_y=0.0, clip: bool = True, stable: bool = False,
+                      **kwargs) -> "PSLDStep":
+        """The PSLD variant of the paper's LMAP-RPS code: squared data term (the norm when ``stable``) with the
+        ``sigma_y n'`` draw, squared gluing term with ``A_pinv``, ``g = alpha_bar(t) grad(...)``, raw-``eps`` move."""
+        return cls(zeta=zeta, gamma=gamma, sigma_y=sigma_y, clip=clip, loss="norm" if stable else "sq",
+                   glue_loss="sq", projection="pinv", mean="raw", grad_scale="alpha_bar", **kwargs)
+
+    def one_step(self, key, problem, state, t, t_next):
+        model, op, y, x = problem.model, problem.op, problem.y, state.x
+        _need_linear("PSLDStep", op)
+        if self.projection == "pinv" and op.pinv_fn is None:
+            raise ValueError(f"PSLDStep(projection='pinv') needs an operator with a pseudo-inverse; {op.name!r} has "
+                             f"none (use projection='transpose')")
+        a_t, a_n = model.alpha_bar(t), model.alpha_bar(t_next)
+        keys = image_keys(key, x.shape[0])
+        k_move, k_meas = fold_keys(keys, 0), fold_keys(keys, 1)
+        n_meas = normal_like(k_meas, y)
+        axes = tuple(range(y.ndim - len(op.out_shape), y.ndim))
+        z_axes = tuple(range(1, x.ndim))
+
+        def norm_or_sq(v, kind, ax):
+            sq = jnp.sum(v * v, axis=ax)
+            return safe_sqrt(sq) if kind == "norm" else sq
+
+        def fit(zz):
+            z0, e, v = problem.tweedie(zz, t, self.clip)
+            img = problem.image(z0, clip=self.clip and not problem.space.is_pixel)
+            r = y - op.A(img)
+            data = norm_or_sq(r - self.sigma_y * n_meas, self.loss, axes)
+            img_sg = jax.lax.stop_gradient(img)
+            if self.projection == "transpose":
+                proj = op.AT(y) + img_sg - op.AT(op.A(img_sg))
+            else:
+                proj = img_sg + op.pinv(y - op.A(img_sg))
+            glue = norm_or_sq(z0 - jax.lax.stop_gradient(problem.space.encode(proj)), self.glue_loss, z_axes)
+            res = safe_sqrt(jnp.sum(r * r, axis=axes))
+            return jnp.sum(data + self.gamma * glue), (z0, e, v, res)
+
+        g, (z0, e, v, res) = jax.grad(fit, has_aux=True)(x)
+        z0, e = jax.lax.stop_gradient(z0), jax.lax.stop_gradient(e)
+        x_next = _move(k_move, model, x, z0, t, t_next, a_t, a_n, self.eta, v, "ddim", self.noise_scale, self.mean,
+                       e)
+        if self.grad_scale == "alpha_bar":
+            g = a_t * g
+        return SamplerState(x_next - self.zeta * g, state.extra), StepInfo(z0, jax.lax.stop_gradient(res))
+
+
+SAMPLERS = {"dps": DPSStep, "ddpm": DDPMStep, "ddnm": DDNMStep, "pigdm": PiGDMStep, "dmps": DMPSStep,
+            "psld": PSLDStep}
 
 
 def make_sampler(name: str, **kwargs):
-    """Build a sampler step by name (``"dps"``, ``"ddpm"``, ``"ddnm"``, ``"pigdm"``, ``"dmps"``)."""
+    """Build a sampler step by name (``"dps"``, ``"ddpm"``, ``"ddnm"``, ``"pigdm"``, ``"dmps"``, ``"psld"``)."""
     if name not in SAMPLERS:
         raise ValueError(f"make_sampler: unknown sampler {name!r}; expected one of {sorted(SAMPLERS)}")
     return SAMPLERS[name](**kwargs)

@@ -144,14 +144,18 @@ class Problem:
         """``E(A_init(y))``: the operator's starting image (``A_pinv y`` for linear operators) in the state space."""
         return self.space.encode(self.op.x_init(self.y), key)
 
-    def residual(self, z):
-        """``r(z) = y - A(D(z))`` (``[B, *op.out_shape]``)."""
-        return self.y - self.op.A(self.space.decode(z))
+    def residual(self, z, clip: bool = False):
+        """``r(z) = y - A(D(z))`` (``[B, *op.out_shape]``). ``clip``: ``D(z)`` clipped to [-1, 1] first, in a latent
+        space only (a pixel state that needs clipping was clipped as a state, e.g. by :meth:`tweedie`)."""
+        x = self.space.decode(z)
+        if clip and not self.space.is_pixel:
+            x = jnp.clip(x, -1.0, 1.0)
+        return self.y - self.op.A(x)
 
-    def data_fit(self, z, loss: str = "sq"):
+    def data_fit(self, z, loss: str = "sq", clip: bool = False):
         """Per-image data fit ``[B]``: ``||r(z)||^2`` (``loss="sq"``) or ``||r(z)||`` (``"norm"``, with a zero
-        gradient at ``r = 0``)."""
-        r = self.residual(z)
+        gradient at ``r = 0``); ``clip`` as in :meth:`residual`."""
+        r = self.residual(z, clip)
         sq = _sum_event(r * r, len(self.op.out_shape))
         if loss == "sq":
             return sq

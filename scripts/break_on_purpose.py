@@ -3,7 +3,7 @@
 
 Usage (from the repository root, with the project's interpreter)::
 
-    .venv/bin/python scripts/break_on_purpose.py                      # baseline + the five breakages, fail-fast
+    .venv/bin/python scripts/break_on_purpose.py                      # baseline + the six breakages, fail-fast
     .venv/bin/python scripts/break_on_purpose.py --no-fail-fast       # list every test that catches each breakage
     .venv/bin/python scripts/break_on_purpose.py --only dps_guidance_off --tests tests/test_algorithms_reference.py
 
@@ -30,7 +30,8 @@ The breakages (issue 12):
 * ``stage2_identity``: Stage 2 a no-op (``rps`` returns ``x_init``);
 * ``stage1_prior_off``: the prior term ``w e`` removed from Stage 1 (both solvers);
 * ``red_diff_prior_off``: RED-diff's regulariser weight ``lambda`` term removed;
-* ``latent_decoder_off`` (issue 13): the one data fit ``y - A(D(z))`` skips the decoder.
+* ``latent_decoder_off`` (issue 13): the one data fit ``y - A(D(z))`` skips the decoder;
+* ``psld_glue_off``: PSLD's gluing term removed.
 """
 from __future__ import annotations
 
@@ -70,6 +71,10 @@ BREAKAGES = [
          description="the data fit skips the decoder: Problem.residual returns y - A(z) (latent algorithms break)",
          edits=[("mapreps_jax/space.py", "return self.y - self.op.A(self.space.decode(z))",
                  "return self.y - self.op.A(z)", 1)]),
+    dict(name="psld_glue_off",
+         description="PSLD's gluing term removed (gamma effectively 0)",
+         edits=[("mapreps_jax/samplers.py", "jnp.sum(data + self.gamma * glue)",
+                 "jnp.sum(data + 0.0 * self.gamma * glue)", 1)]),
 ]
 
 

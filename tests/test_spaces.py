@@ -4,7 +4,9 @@ A latent model whose decoder is an orthogonal linear map ``D(z) = M z`` (encoder
 ``z`` is an exact Gaussian is the same inverse problem as the pixel-space problem with prior ``p(z)`` and operator
 ``A M``: every algorithm run on the latent model must produce the latent outputs of that pixel-space run (and
 ``dp_sweep``/``map_rps`` their decoded images). This tests that the data fit goes through the decoder in every
-algorithm (Stage 1, each step rule, each baseline), that starts are encoded, and that clipping stays out of latents.
+algorithm (Stage 1, each step rule, each baseline) and that starts are encoded; the latent step rules of the paper's
+code (DPS with ``a_t`` scaling and the decoded image clipped, PSLD) are checked against their definitions written
+out with the matrices.
 LMAP's fixed point is also checked against the closed form of ``TESTBED.md`` (``stage1_fixed_point`` for ``A M``).
 """
 
@@ -71,7 +73,7 @@ def test_lmap_equals_stage1_on_the_equivalent_problem_and_its_closed_form(setup)
 
 
 @pytest.mark.parametrize("name,sampler", [
-    ("dps", mr.DPSStep(zeta=0.3, clip=True)),  # clip=True: a latent is never clipped (the pixel run: clip=False)
+    ("dps", mr.DPSStep(zeta=0.3, clip=False)),
     ("dps_sq", mr.DPSStep(zeta=0.1, loss="sq", clip=False)),
     ("ddnm", mr.DDNMStep(clip=False)),
     ("pigdm", mr.PiGDMStep(sigma_y=SIGMA, clip=False)),
@@ -80,9 +82,8 @@ def test_lmap_equals_stage1_on_the_equivalent_problem_and_its_closed_form(setup)
 def test_every_step_rule_runs_in_the_latent_space(setup, name, sampler):
     prior, M, op, op_eq, y, pixel, latent = setup
     z0 = latent.encode(op.x_init(y))
-    pix_sampler = dataclasses.replace(sampler, clip=False) if hasattr(sampler, "clip") else sampler
     got = mr.rps(jax.random.PRNGKey(7), latent, op, y, z0, 40, sampler=sampler)
-    want = mr.rps(jax.random.PRNGKey(7), pixel, op_eq, y, z0, 40, sampler=pix_sampler)
+    want = mr.rps(jax.random.PRNGKey(7), pixel, op_eq, y, z0, 40, sampler=sampler)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
 
 
@@ -176,3 +177,104 @@ def test_classifier_free_guidance_combines_two_conditionings():
     # the scale is a traced leaf: d eps / d s = eps_c - eps_u
     ds = jax.grad(lambda s: jnp.sum(m.guided(c, s, u).eps(x, 5)))(1.5)
     np.testing.assert_allclose(float(ds), float(jnp.sum(m.eps(x, 5, c) - m.eps(x, 5, u))), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ latent step rules
+
+
+def _reference_terms(setup, z_t, t, clip):
+    """Hand-written (matrix) pieces of a latent step on the orthogonal-decoder problem: eps, z0, the decoded and
+    clipped image, and the DDPM(eta = 1) noise-free move from z0 (raw eps and re-derived eps agree here: no clipping
+    of latents)."""
+    prior, M, op, op_eq, y, pixel, latent = setup
+    a_t, a_n = pixel.alpha_bar(t), pixel.alpha_bar(t - 1)
+    e = pixel.eps(z_t, t)
+    z0 = (z_t - jnp.sqrt(1 - a_t) * e) / jnp.sqrt(a_t)
+    s = jnp.sqrt((1 - a_n) / (1 - a_t)) * jnp.sqrt(1 - a_t / a_n)
+    move = jnp.sqrt(a_n) * z0 + jnp.sqrt(1 - a_n - s ** 2) * e
+    return a_t, move
+
+
+def _decoded(M, z0, clip):
+    x = z0 @ M.T
+    return jnp.clip(x, -1.0, 1.0) if clip else x
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_psld_step_equals_its_definition(setup, clip):
+    """PSLD: z' = move(z_t, z0) - zeta grad_{z_t}(||y - A D(z0) - s n'|| + gamma ||z0 - E(sg(A^T y + (I - A^T A)
+    D(z0)))||), written out with the matrices A and M (clip: D(z0) clipped to [-1, 1] first)."""
+    prior, M, op, op_eq, y, pixel, latent = setup
+    A = op.matrix()
+    z_t = jax.random.normal(jax.random.PRNGKey(20), (B, D))
+    t, zeta, gamma, s_y = 60, 0.7, 0.3, 0.15
+    key = jax.random.PRNGKey(21)
+    n_meas = mr.rng.normal_like(mr.fold_keys(mr.image_keys(key, B), 1), y)
+    step = mr.PSLDStep(zeta=zeta, gamma=gamma, sigma_y=s_y, noise_scale=0.0, clip=clip)
+    got, info = step.one_step(key, mr.Problem(latent, op, y), step.init(None, z_t), t, t - 1)
+
+    def loss(z):
+        a = pixel.alpha_bar(t)
+        z0 = (z - jnp.sqrt(1 - a) * pixel.eps(z, t)) / jnp.sqrt(a)
+        x = _decoded(M, z0, clip)
+        data = jnp.linalg.norm(y - x @ A.T - s_y * n_meas, axis=-1)
+        proj = jax.lax.stop_gradient(y @ A + x - (x @ A.T) @ A)
+        glue = jnp.linalg.norm(z0 - proj @ M, axis=-1)
+        return jnp.sum(data + gamma * glue)
+
+    _, move = _reference_terms(setup, z_t, t, clip)
+    want = move - zeta * jax.grad(loss)(z_t)
+    np.testing.assert_allclose(np.asarray(got.x), np.asarray(want), rtol=1e-4, atol=1e-5)
+    # gamma = 0 and no measurement noise: the DPS step
+    dps = mr.DPSStep(zeta=zeta, noise_scale=0.0, clip=clip)
+    psld0 = mr.PSLDStep(zeta=zeta, gamma=0.0, noise_scale=0.0, clip=clip)
+    np.testing.assert_allclose(np.asarray(psld0.step(key, latent, op, y, z_t, t, t - 1)),
+                               np.asarray(dps.step(key, latent, op, y, z_t, t, t - 1)), rtol=1e-5, atol=1e-6)
+
+
+def test_official_latent_steps_equal_their_definition(setup):
+    """The paper's latent code (ALGORITHMS.md section 4): DPS g = a_t grad ||y - A clip(D(z0))||^2 with the raw-eps
+    move; its PSLD variant adds lambda ||z0 - E(sg(x + A_pinv(y - A x)))||^2 and the sigma_y n' draw."""
+    prior, M, op, op_eq, y, pixel, latent = setup
+    A = op.matrix()
+    A_pinv = jnp.linalg.pinv(A)
+    z_t = jax.random.normal(jax.random.PRNGKey(22), (B, D))
+    t, zeta, lam, s_y = 60, 0.4, 0.1, 0.2
+    key = jax.random.PRNGKey(23)
+    n_meas = mr.rng.normal_like(mr.fold_keys(mr.image_keys(key, B), 1), y)
+    a_t, move = _reference_terms(setup, z_t, t, True)
+
+    def z0_of(z):
+        a = pixel.alpha_bar(t)
+        return (z - jnp.sqrt(1 - a) * pixel.eps(z, t)) / jnp.sqrt(a)
+
+    def dps_loss(z):
+        return jnp.sum((y - _decoded(M, z0_of(z), True) @ A.T) ** 2)
+
+    got = mr.DPSStep.official_latent(zeta=zeta, noise_scale=0.0).step(key, latent, op, y, z_t, t, t - 1)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(move - zeta * a_t * jax.grad(dps_loss)(z_t)),
+                               rtol=1e-4, atol=1e-5)
+
+    def psld_loss(z):
+        z0 = z0_of(z)
+        x = _decoded(M, z0, True)
+        proj = jax.lax.stop_gradient(x + (y - x @ A.T) @ A_pinv.T)
+        return jnp.sum((y - x @ A.T - s_y * n_meas) ** 2) + lam * jnp.sum((z0 - proj @ M) ** 2)
+
+    step = mr.PSLDStep.official_lmap(zeta=zeta, gamma=lam, sigma_y=s_y, noise_scale=0.0)
+    got = step.step(key, latent, op, y, z_t, t, t - 1)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(move - zeta * a_t * jax.grad(psld_loss)(z_t)),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_psld_runs_a_latent_chain_and_refuses_what_it_cannot_do(setup):
+    prior, M, op, op_eq, y, pixel, latent = setup
+    z0 = latent.encode(op.x_init(y))
+    out, info = mr.rps_trace(jax.random.PRNGKey(24), latent, op, y, z0, 30, sampler=mr.PSLDStep(zeta=0.2, clip=False))
+    assert out.shape == (B, D) and bool(jnp.all(jnp.isfinite(out)))
+    assert info.residual.shape == (30, B)
+    square = mr.custom_operator("square", (D,), (D,), lambda data, v: v ** 2)
+    with pytest.raises(ValueError, match="linear operator"):
+        mr.PSLDStep().step(jax.random.PRNGKey(0), latent, square, square.A(op.x_init(y)), z0, 5, 4)
+    with pytest.raises(ValueError, match="projection"):
+        mr.PSLDStep(projection="adjoint")
