@@ -1,9 +1,9 @@
 """Equivalence of the Flax ADM UNet with the PyTorch reference (deepinv's ``DiffUNet``, a re-implementation of
 guided-diffusion's UNet with the same state-dict keys).
 
-Optional: needs ``torch`` (CPU wheel) and ``deepinv`` (see ``tests/torchvision_shim.py``); skipped otherwise,
-except with ``MAPREPS_REQUIRE_TORCHREF=1`` (set by ``.ci/run``): then a missing reference is a collection error, so
-CI cannot pass with these tests skipped.
+Optional: needs ``torch`` (CPU wheel) and ``deepinv`` (imported by ``tests/torch_reference.py``); skipped
+otherwise, except with ``MAPREPS_REQUIRE_TORCHREF=1`` (set by ``.ci/run``): then a missing reference is a collection
+error, so CI cannot pass with these tests skipped.
 
 Every reference parameter is randomised (the reference zero-initialises its output convolutions, which would make
 the comparison vacuous); its state dict is written with ``torch.save`` and read back with the torch-free reader
@@ -20,17 +20,11 @@ import re
 import numpy as np
 import pytest
 
-from torchvision_shim import import_deepinv
+from torch_reference import capture_block_outputs, import_reference, nchw, nhwc, randomize, rel_err
 
 pytestmark = pytest.mark.torchref
 
-try:
-    torch, deepinv = import_deepinv()
-except pytest.skip.Exception as _skip:
-    if os.environ.get("MAPREPS_REQUIRE_TORCHREF", "0") not in ("", "0"):
-        raise ImportError(f"MAPREPS_REQUIRE_TORCHREF is set but the PyTorch reference is not importable "
-                          f"({_skip.msg}); install it with `bash .ci/install_torchref.sh`") from None
-    raise
+torch, deepinv = import_reference("deepinv")
 from deepinv.models import diffunet as dref  # noqa: E402
 
 import jax  # noqa: E402
@@ -43,21 +37,6 @@ from mapreps_jax.networks.torch_pickle import load_torch_state_dict  # noqa: E40
 
 REL_TOL = 2e-5
 _BLOCK = re.compile(r"^(input_blocks|output_blocks)_(\d+)_(\d+)$|^(middle_block)_(\d+)$")
-
-
-def _randomize(net, seed):
-    """Random parameters with O(1) activations: weights ~ N(0, 1/fan_in), biases ~ 0.1 N, GN scale ~ 1 + 0.1 N."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            z = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            if p.ndim == 1:
-                is_norm_w = name.endswith("weight")
-                p.copy_(1.0 + 0.1 * z if is_norm_w else 0.1 * z)
-            else:
-                fan_in = int(np.prod(p.shape[1:]))
-                p.copy_(z / np.sqrt(fan_in))
-    return net
 
 
 class _ConfigurableReference(dref.DiffUNet):
@@ -114,26 +93,12 @@ class _ConfigurableReference(dref.DiffUNet):
 
 def _reference_outputs(net, x_nhwc, t):
     """Raw output (NHWC numpy) and per-block outputs ``{"input_blocks.i" | "middle_block" | ...: NHWC}``."""
-    feats, hooks = {}, []
-
-    def hook(name):
-        def f(_m, _inp, out):
-            feats[name] = out.detach().permute(0, 2, 3, 1).numpy().copy()
-        return f
-
-    for i, m in enumerate(net.input_blocks):
-        hooks.append(m.register_forward_hook(hook(f"input_blocks.{i}")))
-    hooks.append(net.middle_block.register_forward_hook(hook("middle_block")))
-    for i, m in enumerate(net.output_blocks):
-        hooks.append(m.register_forward_hook(hook(f"output_blocks.{i}")))
-    try:
-        with torch.no_grad():
-            x = torch.from_numpy(np.ascontiguousarray(np.transpose(x_nhwc, (0, 3, 1, 2))))
-            out = net.forward_diffusion(x, torch.as_tensor(t, dtype=torch.float32))
-    finally:
-        for h in hooks:
-            h.remove()
-    return out.permute(0, 2, 3, 1).numpy(), feats
+    blocks = {f"input_blocks.{i}": m for i, m in enumerate(net.input_blocks)}
+    blocks["middle_block"] = net.middle_block
+    blocks.update({f"output_blocks.{i}": m for i, m in enumerate(net.output_blocks)})
+    out, feats = capture_block_outputs(
+        blocks, lambda: net.forward_diffusion(nchw(x_nhwc), torch.as_tensor(t, dtype=torch.float32)))
+    return nhwc(out), feats
 
 
 def _jax_outputs(cfg, params, x, t):
@@ -161,10 +126,6 @@ def _jax_outputs(cfg, params, x, t):
     return np.asarray(out), {k: v for k, (_, v) in groups.items()}
 
 
-def _rel(a, b):
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-
-
 def _via_torch_save(net, tmp_path):
     """The reference's parameters written by ``torch.save`` and read back with the torch-free reader."""
     path = os.path.join(tmp_path, "ref.pt")
@@ -182,15 +143,15 @@ def _compare(cfg, net, tmp_path, x, t):
     ref_out, ref_feats = _reference_outputs(net, x, t)
     out, feats = _jax_outputs(cfg, params, x, t)
     assert set(feats) == set(ref_feats)
-    block_err = {k: _rel(feats[k], ref_feats[k]) for k in ref_feats}
+    block_err = {k: rel_err(feats[k], ref_feats[k]) for k in ref_feats}
     worst = max(block_err, key=block_err.get)
     assert block_err[worst] < REL_TOL, "mismatching blocks: " + ", ".join(
         f"{k}: {v:.2e}" for k, v in block_err.items() if v >= REL_TOL)
     c = cfg.out_channels
-    err_eps = _rel(out[..., :c], ref_out[..., :c])
+    err_eps = rel_err(out[..., :c], ref_out[..., :c])
     assert err_eps < REL_TOL, err_eps
     if cfg.learn_sigma:
-        err_v = _rel(out[..., c:], ref_out[..., c:])
+        err_v = rel_err(out[..., c:], ref_out[..., c:])
         assert err_v < REL_TOL, err_v
     return params, out, ref_out, max(block_err.values())
 
@@ -212,7 +173,7 @@ TINY_CONFIGS = {
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
 def test_tiny_matches_reference(name, tmp_path):
     cfg = TINY_CONFIGS[name]
-    net = _randomize(_ConfigurableReference(cfg).eval(), seed=1)
+    net = randomize(_ConfigurableReference(cfg).eval(), seed=1)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 16, 16, cfg.in_channels)).astype(np.float32)
     t = np.array([0.0, 417.25, 999.0], np.float32)  # integer and real t
@@ -223,7 +184,7 @@ def test_ffhq256_matches_deepinv_diffunet(tmp_path):
     """The real FFHQ-256 architecture (deepinv's own constructor), one image at two t, with variance channels."""
     cfg = ADMConfig.ffhq256()
     torch.manual_seed(0)
-    net = _randomize(deepinv.models.DiffUNet(in_channels=3, out_channels=3, large_model=False,
+    net = randomize(deepinv.models.DiffUNet(in_channels=3, out_channels=3, large_model=False,
                                              pretrained=None).eval(), seed=2)
     rng = np.random.default_rng(1)
     x = np.clip(rng.standard_normal((1, 256, 256, 3)), -3, 3).astype(np.float32)

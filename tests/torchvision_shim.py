@@ -3,8 +3,10 @@
 The PyPI torchvision wheel's compiled ops library does not load against the ``+cpu`` torch build, so its
 ``torchvision::nms`` / ``torchvision::qnms`` operators are never defined, and ``torchvision/_meta_registrations.py``
 fails at import when it registers fake kernels for them. Defining the two schemas first (no kernels: calling them
-raises) lets the import succeed; the tests use nothing from torchvision. Call :func:`import_deepinv` instead of
-``import deepinv``; it returns ``(torch, deepinv)`` or skips the test module when either is absent.
+raises) lets the import succeed; the tests use nothing from torchvision. Call :func:`install_torchvision_shim` after
+``import torch`` and before ``import deepinv`` / ``import diffusers``; the tests do it through
+``tests/torch_reference.py``'s ``import_reference``, which also skips (or, when required, fails) on a missing
+reference.
 """
 
 from __future__ import annotations
@@ -38,12 +40,3 @@ def _op_exists(torch, name) -> bool:
     except Exception:
         return False
 
-
-def import_deepinv():
-    """``(torch, deepinv)`` with the shim installed; ``pytest.skip`` when torch or deepinv is not installed."""
-    import pytest
-
-    torch = pytest.importorskip("torch")
-    install_torchvision_shim()
-    deepinv = pytest.importorskip("deepinv")
-    return torch, deepinv
