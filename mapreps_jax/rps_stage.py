@@ -78,7 +78,7 @@ def reverse_loop(key, model: ScoreModel, op, y, x, t_start, *, sampler=DPSStep()
 
     def one(k, st, t, tn):
         st, info = sampler.one_step(fold_keys(keys, k), problem, st, t, tn)
-        return st, (collect(st, info) if want else None)
+        return st, (collect(st, info.complete(problem)) if want else None)
 
     state = sampler.init(problem, x)
     if n_steps is None:

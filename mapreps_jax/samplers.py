@@ -64,10 +64,15 @@ class SamplerState(NamedTuple):
 
 class StepInfo(NamedTuple):
     """What a step reports: ``x0`` (the clean estimate the move used, state space) and ``residual`` (``[B]``,
-    ``||y - A(D(x0))||``; zeros for unconditional sampling)."""
+    ``||y - A(D(x0))||``; zeros for unconditional sampling). A rule that does not compute the residual anyway leaves
+    it ``None``; the loops fill it in (:meth:`complete`) only when a trace is collected, so an untraced run pays no
+    extra operator or decoder call."""
 
     x0: jax.Array
-    residual: jax.Array
+    residual: Any = None
+
+    def complete(self, problem: Problem) -> "StepInfo":
+        return self if self.residual is not None else self._replace(residual=problem.residual_norm(self.x0))
 
 
 class _StepRule:
@@ -149,7 +154,7 @@ class DDPMStep(_StepRule):
         a_t, a_n = model.alpha_bar(t), model.alpha_bar(t_next)
         x0, _, v = problem.tweedie(x, t, self.clip)
         x_next = _move(key, model, x, x0, t, t_next, a_t, a_n, self.eta, v, self.variance, self.noise_scale)
-        return SamplerState(x_next, state.extra), StepInfo(x0, problem.residual_norm(x0))
+        return SamplerState(x_next, state.extra), StepInfo(x0)
 
 
 @pytree_config
@@ -238,7 +243,7 @@ class DDNMStep(_StepRule):
         img = problem.image(x0)
         x0 = problem.space.encode(img - op.pinv(op.A(img) - y))
         x_next = _move(key, model, x, x0, t, t_next, a_t, a_n, self.eta, v, "ddim", 1.0)
-        return SamplerState(x_next, state.extra), StepInfo(x0, problem.residual_norm(x0))
+        return SamplerState(x_next, state.extra), StepInfo(x0)
 
 
 def _need_linear(name, op):
@@ -316,7 +321,7 @@ class PiGDMStep(_StepRule):
         g = pullback(op.AT(u))[0]
         x0c = _guided_x0(x0, a_t, g, self.zeta)
         x_next = _move(key, model, x, x0c, t, t_next, a_t, a_n, self.eta, v, self.variance, self.noise_scale)
-        return SamplerState(x_next, state.extra), StepInfo(x0c, problem.residual_norm(x0c))
+        return SamplerState(x_next, state.extra), StepInfo(x0c)
 
 
 @pytree_config
@@ -357,7 +362,7 @@ class DMPSStep(_StepRule):
         g = op.AT(u) / sa
         x0c = _guided_x0(x0, a_t, g, self.zeta)
         x_next = _move(key, model, x, x0c, t, t_next, a_t, a_n, self.eta, v, self.variance, self.noise_scale)
-        return SamplerState(x_next, state.extra), StepInfo(x0c, problem.residual_norm(x0c))
+        return SamplerState(x_next, state.extra), StepInfo(x0c)
 
 
 _PROJECTIONS = ("transpose", "pinv")

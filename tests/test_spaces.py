@@ -137,6 +137,10 @@ def test_traces_report_each_step(setup):
     assert info.x0.shape == (12, B, D) and info.residual.shape == (12, B)
     want = jnp.linalg.norm(y[None] - op.A(_decode(M, info.x0)), axis=-1)
     np.testing.assert_allclose(np.asarray(info.residual), np.asarray(want), rtol=1e-4, atol=1e-5)
+    # a rule that does not compute the residual itself (DDNM): the loop fills it in from the reported x0
+    _, info_d = mr.rps_trace(k, latent, op, y, z0, 6, sampler=mr.DDNMStep(clip=False))
+    want_d = jnp.linalg.norm(y[None] - op.A(_decode(M, info_d.x0)), axis=-1)
+    np.testing.assert_allclose(np.asarray(info_d.residual), np.asarray(want_d), rtol=1e-4, atol=1e-5)
     # masked full-grid scan (max_steps): the steps past t0 are zeros
     _, info2 = mr.rps_trace(k, latent, op, y, z0, jnp.int32(5), sampler=s, max_steps=9)
     assert info2.residual.shape == (9, B)
