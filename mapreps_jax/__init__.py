@@ -40,7 +40,7 @@ from .samplers import (DPSStep, DDPMStep, DDNMStep, PiGDMStep, DMPSStep, PSLDSte
                        StepInfo)
 from .rps_stage import rps, rps_trace, reverse_loop, subgrid_times, stage2_nfe
 from .continuous import rps_sde
-from .map_rps import map_rps, dp_sweep, SweepResult
+from .map_rps import map_rps, dp_sweep, SweepResult, network_calls
 from .baselines import prior_sample, dps, dps_average, ccdf, red_diff, REDDiffConfig, RED_DIFF_WEIGHTINGS
 from .metrics import rmse, psnr, ssim, frechet_distance, sliced_w2, mmd
 from .app.pretrained import load_default_prior

@@ -26,7 +26,7 @@ from .rps_stage import rps, stage2_nfe
 from .samplers import DPSStep
 from .validation import check_measurement, check_same_batch, check_scalar, check_signal, check_state, check_t0
 
-__all__ = ["map_rps", "dp_sweep", "SweepResult", "map_estimate_jit", "rps_jit"]
+__all__ = ["map_rps", "dp_sweep", "SweepResult", "map_estimate_jit", "rps_jit", "network_calls"]
 
 map_estimate_jit = jax.jit(map_estimate)
 rps_jit = jax.jit(rps, static_argnames=("n_steps", "continuous", "max_steps"))
@@ -56,6 +56,22 @@ def map_rps(key, model: ScoreModel, op, y, t0, *, map_config: MAPConfig = MAPCon
                             max_steps=max_steps))
 
 
+def network_calls(model: ScoreModel, sampler=None, *, stage1_steps: int = 0, stage2_steps: int = 0,
+                  encodes: int = 0, decodes: int = 0) -> dict:
+    """Per-image network evaluations of a run: ``{"unet", "decoder", "encoder"}``.
+
+    ``unet = model.eps_calls (stage1_steps + stage2_steps)`` (a classifier-free-guided model evaluates the network
+    twice per ``eps``). In a latent space each Stage-1 step makes one decoder forward (its VJP included) and each
+    Stage-2 step ``sampler.latent_calls`` decoder and encoder forwards; ``encodes`` / ``decodes`` add the others (the
+    Stage-1 start ``E(A_pinv y)``, the outputs' ``D(z)``). Pixel space: no decoder or encoder calls."""
+    unet = int(model.eps_calls) * (int(stage1_steps) + int(stage2_steps))
+    if model.space.is_pixel:
+        return {"unet": unet, "decoder": 0, "encoder": 0}
+    dec, enc = getattr(sampler, "latent_calls", (0, 0)) if sampler is not None else (0, 0)
+    return {"unet": unet, "decoder": int(stage1_steps) + dec * int(stage2_steps) + int(decodes),
+            "encoder": enc * int(stage2_steps) + int(encodes)}
+
+
 class SweepResult(NamedTuple):
     """Outputs of :func:`dp_sweep`.
 
@@ -63,7 +79,10 @@ class SweepResult(NamedTuple):
       t0: ``[n]`` the re-noising times.
       x_map: ``[B, *in_shape]`` the Stage-1 estimate (shared by all ``t0``; decoded for a latent model).
       outputs: ``[n, B, *in_shape]`` MAP-RPS outputs per ``t0`` (images; decoded for a latent model).
-      nfe: dict with ``stage1`` (N), ``stage2`` (list per ``t0``) and ``total`` network evaluations per image.
+      nfe: dict with ``stage1`` (N), ``stage2`` (list per ``t0``) and ``total`` diffusion steps per image, and
+        ``calls``: the per-image evaluations of each network over the whole sweep (:func:`network_calls`: UNet calls,
+        two per step with classifier-free guidance; decoder and encoder forwards of a latent model; the sequential
+        sweep's, also when ``vectorize=True``).
       sq_err: ``[n, B]`` summed squared error ``|x_hat - x|^2`` (when ``x_true`` was given, else ``None``).
       rmse, psnr: ``[n, B]`` image metrics on [0, 1] (when ``x_true`` was given and inputs are images).
       seconds: wall time of ``stage1`` and ``stage2`` (all ``t0``), compile time included (each stage is waited for
@@ -139,6 +158,9 @@ def dp_sweep(key, model: ScoreModel, op, y, t0s: Sequence[int], *, map_config: M
         x_map, outputs = model.decode(x_map), jax.vmap(model.decode)(outputs)
     stage2 = [stage2_nfe(t, n_steps) for t in t0s]
     nfe = {"stage1": n1, "stage2": stage2, "total": n1 + int(sum(stage2))}
+    latent = not model.space.is_pixel
+    nfe["calls"] = network_calls(model, sampler, stage1_steps=n1, stage2_steps=int(sum(stage2)),
+                                 encodes=int(latent and n1 > 0), decodes=(1 + len(t0s)) if latent else 0)
     if vectorize:
         nfe["total_vectorized"] = n1 + len(t0s) * (int(n_steps) if n_steps else int(t0s.max()))
     sq_err = rmse = psnr = None

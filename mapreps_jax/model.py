@@ -80,6 +80,11 @@ class ScoreModel:
         x_t = jnp.sqrt(a) * y
         return tweedie(x_t, self.eps(x_t, jnp.full((y.shape[0],), t, jnp.float32), cond), a, clip)
 
+    @property
+    def eps_calls(self) -> int:
+        """Network evaluations per ``eps``: 2 for a classifier-free-guided model (:meth:`guided`), else 1."""
+        return 2 * self.apply.base_calls if isinstance(self.apply, _Guided) else 1
+
     def encode(self, x, key=None):
         """Images ``[B, ...]`` in [-1, 1] to the state space (identity in pixel space; a latent model: the
         encoder's posterior mean without a key, a sample with one, times the latent scale factor)."""
@@ -113,6 +118,10 @@ class _Guided:
 
     base: Callable
     learned_variance: bool
+
+    @property
+    def base_calls(self) -> int:
+        return 2 * self.base.base_calls if isinstance(self.base, _Guided) else 1
 
     def __call__(self, params, x_t, t, cond=None):
         p, c, u, s = params

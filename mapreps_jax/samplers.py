@@ -76,7 +76,11 @@ class StepInfo(NamedTuple):
 
 
 class _StepRule:
-    """The methods every step rule shares (``one_step`` is each rule's own)."""
+    """The methods every step rule shares (``one_step`` is each rule's own). ``latent_calls``: the decoder and
+    encoder forward passes one step makes in a latent space (a forward + VJP counts as one), for the reported
+    cost (:func:`~mapreps_jax.map_rps.network_calls`; counted in ``tests/test_nfe_counted.py``)."""
+
+    latent_calls = (0, 0)
 
     def init(self, problem: Problem, x) -> SamplerState:
         return SamplerState(x)
@@ -140,6 +144,8 @@ class DDPMStep(_StepRule):
     """Unconditional DDPM/DDIM(eta) step. With the testbed's exact diffused-posterior model (``cond = y``) this is the
     exact "oracle" Stage-2 sampler."""
 
+    latent_calls = (0, 0)  # decoder and encoder forwards per step in a latent space (not a field)
+
     eta: Any = 1.0
     noise_scale: Any = 1.0
     clip: bool = static(False)
@@ -171,6 +177,8 @@ class DPSStep(_StepRule):
     ``mean`` / ``variance``: the clean move (default) or the paper code's details (module doc;
     :meth:`official`, :meth:`official_latent`). Costs one network forward + VJP per step.
     """
+
+    latent_calls = (1, 0)  # decoder and encoder forwards per step in a latent space (not a field)
 
     zeta: Any = 1.0
     eta: Any = 1.0
@@ -227,6 +235,8 @@ class DDNMStep(_StepRule):
     """Denoising diffusion null-space step (noise-free DDNM, Wang et al. 2023) for a linear operator with a
     pseudo-inverse: ``x0 <- x0 - A_pinv(A x0 - y)`` (range-space replacement), then the shared move. In a latent
     space the replacement acts on the decoded image: ``x0 <- E(D(x0) - A_pinv(A D(x0) - y))``."""
+
+    latent_calls = (1, 1)  # decoder and encoder forwards per step in a latent space (not a field)
 
     eta: Any = 1.0
     clip: bool = static(True)
@@ -292,6 +302,8 @@ class PiGDMStep(_StepRule):
     runs through the decoder. Costs one network forward + VJP per step.
     """
 
+    latent_calls = (1, 0)  # decoder and encoder forwards per step in a latent space (not a field)
+
     zeta: Any = 1.0
     sigma_y: Any = 0.0
     data_var: Any = 1.0
@@ -337,6 +349,8 @@ class DMPSStep(_StepRule):
     the paper's derivation). Exact only for a flat prior. Pixel space only (the approximation is in ``x_t`` itself).
     Costs one network forward per step (no VJP).
     """
+
+    latent_calls = (0, 0)  # decoder and encoder forwards per step in a latent space (not a field)
 
     zeta: Any = 1.0
     sigma_y: Any = 0.0
@@ -386,6 +400,8 @@ class PSLDStep(_StepRule):
     operators only (``A^T`` / ``A_pinv``); it runs in pixel space too (``E``, ``D`` the identity). ``sigma_y`` in
     [-1, 1] units. Costs one network forward + VJP, one decoder forward + VJP and one encoder forward per step.
     """
+
+    latent_calls = (1, 1)  # decoder and encoder forwards per step in a latent space (not a field)
 
     zeta: Any = 1.0
     gamma: Any = 0.1

@@ -189,3 +189,39 @@ def test_stage2_samplers_cost_one_call_per_step(problem, name):
     counter.reset()
     mr.rps(jax.random.PRNGKey(10), model, op, y, op.x_init(y), 23, sampler=sampler).block_until_ready()
     assert counter.per_image() == 23
+
+
+def _counting_latent(model, M):
+    """The exact prior as a latent model with an orthogonal linear autoencoder; UNet, decoder and encoder calls
+    counted separately."""
+    counted, unet = counting_model(model)
+    dec, enc = Counter(), Counter()
+
+    def encode(m, x, key=None):
+        jax.debug.callback(enc, x)
+        return x @ m
+
+    def decode(m, z):
+        jax.debug.callback(dec, z)
+        return z @ m.T
+
+    return dataclasses.replace(counted, space=mr.latent_space(M, encode, decode)), (unet, dec, enc)
+
+
+@pytest.mark.parametrize("sampler", [mr.DPSStep(zeta=0.3, clip=False), mr.PSLDStep(zeta=0.3, clip=False),
+                                     mr.DDNMStep(clip=False), mr.DDPMStep()], ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("guided", [False, True])
+def test_latent_sweep_calls_counted_equal_reported(problem, sampler, guided):
+    """Latent dp_sweep: UNet calls (two per eps with classifier-free guidance), decoder and encoder forwards
+    counted by callbacks in the networks equal SweepResult.nfe["calls"] (network_calls)."""
+    prior, op, y, model, _ = problem
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(D, D)))
+    m, (unet, dec, enc) = _counting_latent(prior.score_model(SCHED), jnp.asarray(q, jnp.float32))
+    if guided:
+        m = m.guided(None, 1.5, None)
+    cfg = mr.MAPConfig(t1=10.0, w=0.2, n_iter=7, lr=0.05)
+    for c in (unet, dec, enc):
+        c.reset()
+    res = mr.dp_sweep(jax.random.PRNGKey(0), m, op, y, [0, 3, 9], map_config=cfg, sampler=sampler)
+    assert res.nfe["calls"] == {"unet": unet.per_image(), "decoder": dec.per_image(), "encoder": enc.per_image()}
+    assert res.nfe["calls"]["unet"] == (2 if guided else 1) * res.nfe["total"]
