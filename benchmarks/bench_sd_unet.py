@@ -1,6 +1,7 @@
 """Benchmark of the Flax Stable Diffusion 1.5 UNet against diffusers' ``UNet2DConditionModel`` (torch), same run.
 
-Measures, batch 1, a 64x64x4 latent and a text context of length 77 (``--context-lengths 77 8`` adds others):
+Measures, batch 1, a ``--latent-size`` x ``--latent-size`` x 4 latent (default 64, SD's 512x512 images; 32 is
+256x256) and a text context of length 77 (``--context-lengths 77 8`` adds others):
 
 * forward time and forward + VJP time (the gradient of ``<eps(z, t, c), g>`` with respect to ``z``: the DPS
   pattern), JAX (``jit``, compiled ahead with ``lower().compile()``, whose duration is reported as the compile time)
@@ -13,99 +14,109 @@ Measures, batch 1, a 64x64x4 latent and a text context of length 77 (``--context
 
 Random weights (timings do not depend on them). Records ``torch.get_num_threads()``, the CPU model and the load.
 Writes ``<out>/sd_unet_<backend>.json`` (``sd_unet_tiny_<backend>.json`` with ``--tiny``: the tiny config on a
-16x16 latent, a quick smoke check of the script).
+16x16 latent, a quick smoke check of the script), atomically.
+
+Memory: at the 64x64 latent the compiled float32 forward + VJP needs about 13.3 GB of XLA:CPU temporaries plus
+3.4 GB of weights (~16.8 GB), and the torch model holds another 3.4 GB. ``--section NAME`` stores the run under the
+key ``NAME`` of an existing result file instead of replacing it (e.g. a ``--latent-size 64 --no-torch`` run beside
+a ``--latent-size 32`` run with torch); ``--min-available-gib G`` first checks ``MemAvailable`` and, when it is
+below ``G``, runs nothing and records why under ``"not_run"`` (keyed by the section) in the result file.
+``--memory-only`` compiles the JAX functions for abstract parameters (``jax.eval_shape``: no weights are allocated
+and nothing runs) and records only their memory analysis: the memory a size needs, measured without running it.
 
 Usage::
 
-    python benchmarks/bench_sd_unet.py [--reps 3] [--context-lengths 77 8] [--bf16] [--no-torch] [--tiny]
+    python benchmarks/bench_sd_unet.py [--reps 3] [--latent-size 64] [--context-lengths 77 8] [--bf16]
+                                       [--no-torch] [--tiny] [--section NAME] [--min-available-gib G]
+                                       [--memory-only]
                                        [--out benchmarks/results]
 """
 
 import argparse
 import dataclasses
-import json
 import os
-import platform
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import (RESULTS, available_gib, command_line, compile_ahead, diffusers_unet, finish_memory,  # noqa: E402
+                     finish_result, import_torch_reference, jax_fwd_vjp, jax_over_torch, load_numpy_state_dict,
+                     machine_info, read_json, rel_err, time_interleaved, torch_fwd_vjp, torch_info, vjp_residual_bytes,
+                     write_json_atomic, xla_memory)
+from torch_reference import nchw  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mapreps_jax.networks.sd_unet import (SDUNetConfig, init_sd_unet_params, sd_unet_apply,  # noqa: E402
-                                          sd_unet_to_diffusers_state_dict)
+                                          sd_unet_param_shapes, sd_unet_to_diffusers_state_dict)
+
+# measured (XLA:CPU, jaxlib 0.10.2, float32, batch 1, context 77; --latent-size 64 --memory-only): temporaries of the
+# compiled forward + VJP at a 64x64x4 latent and its arguments (the SD 1.5 UNet's weights, 859.5 M parameters)
+FULL_VJP_TEMP_BYTES, WEIGHTS_BYTES = 13_312_396_544, 3_438_451_472
 
 
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
+def _apply(cfg, t):
+    """``(params, z, context) -> eps`` of the config at the fixed time ``t`` (the function timed and differentiated)."""
+    return lambda p, z, c: sd_unet_apply(cfg, p, z, t, c)
 
 
-def _mem(compiled):
-    ma = compiled.memory_analysis()
-    if ma is None:
-        return None
-    keys = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-            "generated_code_size_in_bytes")
-    d = {k: int(getattr(ma, k)) for k in keys if hasattr(ma, k)}
-    peak = getattr(ma, "peak_memory_in_bytes", None)
-    if peak is not None:
-        d["peak_memory_in_bytes"] = int(peak)
-    return d
-
-
-def _jax_fns(cfg, t):
-    def fwd(p, z, c):
-        return sd_unet_apply(cfg, p, z, t, c)
-
-    def vjp(p, z, c, g):
-        out, pull = jax.vjp(lambda z: sd_unet_apply(cfg, p, z, t, c), z)
-        return out, pull(g)[0]
-
-    return jax.jit(fwd), jax.jit(vjp)
-
-
-def _residual_bytes(cfg, t, params, z, c):
-    def f(p, z, c):
-        return jax.tree_util.tree_leaves(jax.vjp(lambda z: sd_unet_apply(cfg, p, z, t, c), z)[1])
-
-    leaves = jax.eval_shape(f, params, z, c)
-    return int(sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in leaves))
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
+def _record_not_run(path, section, latent, need_gib, have_gib, command, sd15):
+    """Record under ``"not_run"`` of ``path`` that the run was skipped for want of memory (nothing else changes)."""
+    old = read_json(path)
+    old.setdefault("not_run", {})[section or "run"] = {
+        "command": command, "latent": latent, "required_available_gib": need_gib,
+        "available_gib": None if have_gib is None else round(have_gib, 2),
+        "checked": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "note": (f"not run on this machine: the compiled float32 forward + VJP of the SD 1.5 UNet at a 64x64x4 "
+                 f"latent needs ~{(FULL_VJP_TEMP_BYTES + WEIGHTS_BYTES) / 1e9:.1f} GB on XLA:CPU "
+                 f"({FULL_VJP_TEMP_BYTES / 1e9:.1f} GB of temporaries by compile().memory_analysis(), see a "
+                 f"--memory-only run, plus {WEIGHTS_BYTES / 1e9:.1f} GB of weights); MemAvailable was below the "
+                 f"required {need_gib:g} GiB when checked")
+        if sd15 and latent == 64 else f"not run: MemAvailable below the required {need_gib:g} GiB when checked"}
+    write_json_atomic(path, old)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--latent-size", type=int, default=None,
+                    help="latent height/width (default 64, the 512x512 images of SD 1.5; 16 with --tiny)")
     ap.add_argument("--context-lengths", type=int, nargs="+", default=[77])
     ap.add_argument("--bf16", action="store_true", help="also time bfloat16 compute")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="tiny config, 16x16 latent (smoke check)")
-    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--section", default=None,
+                    help="store the run under this key of an existing result file instead of replacing the file")
+    ap.add_argument("--min-available-gib", type=float, default=None,
+                    help="run only when MemAvailable is at least this; otherwise record a not_run note")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="only compile (abstract parameters: nothing allocated or run); record XLA's memory analysis")
+    ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
 
     backend = jax.default_backend()
+    path = os.path.join(args.out, f"sd_unet_{'tiny_' if args.tiny else ''}{backend}.json")
+    size = args.latent_size or (16 if args.tiny else 64)
+    command = command_line(argv)
+    if args.min_available_gib is not None:
+        have = available_gib()
+        if have is None or have < args.min_available_gib:
+            print(f"MemAvailable {have} GiB < {args.min_available_gib} GiB: not running; noting it in {path}",
+                  flush=True)
+            _record_not_run(path, args.section, size, args.min_available_gib, have, command, not args.tiny)
+            return 0
+
     cfg = SDUNetConfig.tiny() if args.tiny else SDUNetConfig.sd15()
-    size = 16 if args.tiny else 64
     t_val = 500.0
     t = jnp.float32(t_val)
     t0 = time.perf_counter()
-    params = jax.block_until_ready(init_sd_unet_params(jax.random.PRNGKey(0), cfg))
+    if args.memory_only:  # shapes and dtypes only: compile() and memory_analysis() need no values
+        params = sd_unet_param_shapes(cfg)
+    else:
+        params = jax.block_until_ready(init_sd_unet_params(jax.random.PRNGKey(0), cfg))
     init_s = time.perf_counter() - t0
     n_params = int(sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params)))
     rng = np.random.default_rng(0)
@@ -115,17 +126,12 @@ def main(argv=None):
               for L in args.context_lengths}
     z, g = jnp.asarray(z_np), jnp.asarray(g_np)
     res = {"config": "tiny" if args.tiny else "sd15", "architecture": cfg.architecture_dict(),
-           "num_params": n_params, "batch": 1, "latent": [size, size, cfg.in_channels],
-           "context_lengths": list(args.context_lengths), "t": t_val, "reps": args.reps, "backend": backend,
-           "device": str(jax.devices()[0]), "jax_version": jax.__version__, "machine": platform.machine(),
-           "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(), "loadavg_start": list(os.getloadavg()),
+           "num_params": n_params, "batch": 1, "latent_size": size, "latent": [size, size, cfg.in_channels],
+           "image": [8 * size, 8 * size, 3], "context_lengths": list(args.context_lengths), "t": t_val,
+           "reps": 0 if args.memory_only else args.reps, "memory_only": args.memory_only, **machine_info(),
+           "command": command,
            "init_params_s": init_s, "compile_s": {}, "memory": {}, "equality": {}}
-    print(f"{res['config']}: {n_params:,} parameters, init {init_s:.1f}s", flush=True)
-
-    def timed(fn):
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
+    print(f"{res['config']}: {n_params:,} parameters, latent {size}x{size}, init {init_s:.1f}s", flush=True)
 
     # --- JAX candidates, compiled ahead (compile time and memory analysis from the same executable) -----------
     cands, outputs = {}, {}
@@ -133,101 +139,55 @@ def main(argv=None):
     for L, c_np in ctx_np.items():
         c = jnp.asarray(c_np)
         for dtype, remat in variants:
-            vcfg = dataclasses.replace(cfg, dtype=dtype, remat=remat)
-            fwd, vjp = _jax_fns(vcfg, t)
+            apply = _apply(dataclasses.replace(cfg, dtype=dtype, remat=remat), t)
+            fwd, vjp = jax_fwd_vjp(apply)
             tag = f"jax_{dtype}{'_remat' if remat else ''}"
             for kind, jitted, fargs in (("forward", fwd, (params, z, c)), ("forward_vjp", vjp, (params, z, c, g))):
                 if remat and kind == "forward":
                     continue  # remat changes only the backward pass
                 name = f"{tag}_{kind}_L{L}"
-                t0 = time.perf_counter()
-                compiled = jitted.lower(*fargs).compile()
-                res["compile_s"][name] = time.perf_counter() - t0
-                print(f"compiled {name}: {res['compile_s'][name]:.1f}s", flush=True)
+                compiled, cands[name] = compile_ahead(jitted, fargs, name, res["compile_s"], outputs)
                 if kind == "forward_vjp" and dtype == "float32":
                     res["memory"][f"{'remat' if remat else 'no_remat'}_L{L}"] = {
-                        "xla_memory_analysis": _mem(compiled),
-                        "vjp_residual_bytes": _residual_bytes(vcfg, t, params, z, c)}
+                        "xla_memory_analysis": xla_memory(compiled),
+                        "vjp_residual_bytes": vjp_residual_bytes(apply, params, z, c)}
                 if kind == "forward" and dtype == "float32":
-                    res["memory"][f"forward_L{L}"] = {"xla_memory_analysis": _mem(compiled)}
+                    res["memory"][f"forward_L{L}"] = {"xla_memory_analysis": xla_memory(compiled)}
 
-                def run(compiled=compiled, fargs=fargs, name=name):
-                    outputs[name] = jax.block_until_ready(compiled(*fargs))
-                cands[name] = run
+    if args.memory_only:
+        finish_memory(res["memory"], params)
+        finish_result(res, path, args.section)
+        return 0
 
     # --- torch reference with the same weights ---------------------------------------------------------------
-    net = None
-    if not args.no_torch:
-        try:
-            import torch
-            from torchvision_shim import install_torchvision_shim
-
-            install_torchvision_shim()
-            import diffusers
-        except ImportError as e:
-            print(f"torch reference unavailable ({e}); skipping", flush=True)
-        else:
-            torch.set_num_threads(os.cpu_count())
-            kw = dict(sample_size=cfg.sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-                      block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
-                      cross_attention_dim=cfg.cross_attention_dim, attention_head_dim=cfg.attention_head_dim,
-                      down_block_types=cfg.down_block_types, up_block_types=cfg.up_block_types,
-                      norm_num_groups=cfg.norm_num_groups, norm_eps=cfg.norm_eps,
-                      flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift,
-                      use_linear_projection=cfg.use_linear_projection,
-                      transformer_layers_per_block=cfg.transformer_layers_per_block,
-                      upcast_attention=cfg.upcast_attention)
-            net = diffusers.UNet2DConditionModel(**kw).eval()
-            sd = sd_unet_to_diffusers_state_dict(params, cfg)
-            net.load_state_dict({k: torch.tensor(v) for k, v in sd.items()}, strict=True)
-            del sd
-            zt = torch.from_numpy(np.ascontiguousarray(z_np.transpose(0, 3, 1, 2)))
-            gt = torch.from_numpy(np.ascontiguousarray(g_np.transpose(0, 3, 1, 2)))
-            tt = torch.tensor([t_val])
-            for L, c_np in ctx_np.items():
-                ct = torch.from_numpy(c_np)
-
-                def tfwd(ct=ct, L=L):
-                    with torch.no_grad():
-                        outputs[f"torch_float32_forward_L{L}"] = net(zt, tt, ct).sample
-
-                def tvjp(ct=ct, L=L):
-                    zr = zt.clone().requires_grad_(True)
-                    out = net(zr, tt, ct).sample
-                    (gz,) = torch.autograd.grad(out, zr, gt)
-                    outputs[f"torch_float32_forward_vjp_L{L}"] = (out.detach(), gz)
-
-                cands[f"torch_float32_forward_L{L}"] = tfwd
-                cands[f"torch_float32_forward_vjp_L{L}"] = tvjp
-            res["torch"] = {"version": torch.__version__, "diffusers": diffusers.__version__,
-                            "threads": torch.get_num_threads()}
+    ref = None if args.no_torch else import_torch_reference("diffusers")
+    if ref is not None:
+        torch, diffusers = ref
+        net = load_numpy_state_dict(diffusers_unet(diffusers, cfg), sd_unet_to_diffusers_state_dict(params, cfg))
+        zt, gt, tt = nchw(z_np), nchw(g_np), torch.tensor([t_val])
+        for L, c_np in ctx_np.items():
+            ct = torch.from_numpy(c_np)
+            cands.update(torch_fwd_vjp(lambda zr, ct=ct: net(zr, tt, ct).sample, zt, gt, outputs, f"_L{L}"))
+        res["torch"] = torch_info(torch, diffusers)
 
     # warm-up, then interleaved repetitions (a shared machine's load hits every candidate alike); medians
-    first = {}
-    for name, fn in cands.items():
-        first[name] = timed(fn)
-        print(f"first call {name}: {first[name]:.2f}s", flush=True)
-    times = {name: [] for name in cands}
-    for r in range(args.reps):
-        for name, fn in cands.items():
-            times[name].append(timed(fn))
-        print(f"rep {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
-    res["times_s"] = {k: {"median": float(np.median(v)), "all": v, "first_call": first[k]} for k, v in times.items()}
-    med = {k: float(np.median(v)) for k, v in times.items()}
+    timing = time_interleaved(cands, args.reps)
+    res["times_s"], med = timing["times_s"], timing["medians"]
 
     res["ratio_jax_over_torch"], res["ratio_bf16_over_fp32"], res["ratio_remat_over_plain"] = {}, {}, {}
     for L in ctx_np:
         if f"torch_float32_forward_L{L}" in med:
-            res["ratio_jax_over_torch"][f"L{L}"] = {
-                "forward": med[f"jax_float32_forward_L{L}"] / med[f"torch_float32_forward_L{L}"],
-                "forward_vjp": med[f"jax_float32_forward_vjp_L{L}"] / med[f"torch_float32_forward_vjp_L{L}"]}
+            res["ratio_jax_over_torch"][f"L{L}"] = jax_over_torch(med, f"_L{L}")
             # same weights, same inputs: full-size equality (default matmul precision, as timed)
             eps_t = outputs[f"torch_float32_forward_L{L}"].permute(0, 2, 3, 1).numpy()
             _, gz_t = outputs[f"torch_float32_forward_vjp_L{L}"]
             _, gz_j = outputs[f"jax_float32_forward_vjp_L{L}"]
+            _, gz_jr = outputs[f"jax_float32_remat_forward_vjp_L{L}"]
+            gz_t = gz_t.permute(0, 2, 3, 1).numpy()
             res["equality"][f"L{L}"] = {
-                "eps_rel": _rel(outputs[f"jax_float32_forward_L{L}"], eps_t),
-                "vjp_rel": _rel(gz_j, gz_t.permute(0, 2, 3, 1).numpy()),
+                "eps_rel": rel_err(outputs[f"jax_float32_forward_L{L}"], eps_t),
+                "vjp_rel": rel_err(gz_j, gz_t),
+                "vjp_remat_rel": rel_err(gz_jr, gz_t),
                 "note": "max|jax - torch| / max|torch|, float32, JAX default matmul precision"}
             print(f"L={L}: ratio jax/torch {res['ratio_jax_over_torch'][f'L{L}']}, "
                   f"equality {res['equality'][f'L{L}']}", flush=True)
@@ -238,23 +198,9 @@ def main(argv=None):
         res["ratio_remat_over_plain"][f"L{L}"] = {
             "forward_vjp": med[f"jax_float32_remat_forward_vjp_L{L}"] / med[f"jax_float32_forward_vjp_L{L}"]}
 
-    param_bytes = int(sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(params)))
-    res["memory"]["param_bytes"] = param_bytes
-    res["memory"]["note"] = (
-        "xla_memory_analysis: compile().memory_analysis() of the compiled function (temp_size_in_bytes = peak "
-        "temporary buffers). vjp_residual_bytes: bytes the VJP closure keeps between the forward and backward pass "
-        "(saved activations plus the parameters it references); on XLA:CPU the temp size may not reflect "
-        "rematerialisation, the residual bytes do.")
-    for k, v in res["memory"].items():
-        if isinstance(v, dict):
-            print(f"memory {k}: {v}", flush=True)
+    finish_memory(res["memory"], params)
 
-    res["loadavg_end"] = list(os.getloadavg())
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"sd_unet_{'tiny_' if args.tiny else ''}{backend}.json")
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
-    print(f"wrote {path}")
+    finish_result(res, path, args.section)
     return 0
 
 

@@ -47,8 +47,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench_sd_unet import _cpu_model, _rel  # noqa: E402
-from bench_sd_vae import _diffusers_autoencoder, _write_json_atomic  # noqa: E402
+from _common import (command_line, cpu_model, diffusers_autoencoder, diffusers_unet, rel_err,  # noqa: E402
+                     write_json_atomic)
 from torch_reference import nchw, nhwc, random_tensor, randomize  # noqa: E402  (imports torch lazily)
 
 SECTIONS = ("sd_vae", "sd_unet", "ldm_unet", "vq_f4")
@@ -94,7 +94,7 @@ def run_sd_vae(args, timer):
     cfg = AutoencoderConfig.tiny_kl() if args.tiny else AutoencoderConfig.sd15()
     img = 32 if args.tiny else args.vae_image
     lat = 16 if args.tiny else args.vae_latent
-    net = timer("build_reference", lambda: randomize(_diffusers_autoencoder(diffusers, cfg), seed=11))
+    net = timer("build_reference", lambda: randomize(diffusers_autoencoder(diffusers, cfg), seed=11))
     params = timer("convert", lambda: convert_diffusers_autoencoder(_state_dict_numpy(net), cfg))
     n_ref = sum(p.numel() for p in net.parameters())
     rng = np.random.default_rng(0)
@@ -122,8 +122,8 @@ def run_sd_vae(args, timer):
            "decode_image": list(out_ref.shape),
            "inputs": "image ~ U(-1, 1); latent ~ N(0, 1) in diffusion units (the reference decodes latent / "
                      "scaling_factor)",
-           "rel_err": {"encode_mean": _rel(mean, mean_ref), "encode_logvar": _rel(logvar, logvar_ref),
-                       "decode": _rel(out, out_ref)},
+           "rel_err": {"encode_mean": rel_err(mean, mean_ref), "encode_logvar": rel_err(logvar, logvar_ref),
+                       "decode": rel_err(out, out_ref)},
            "ref_max_abs": {"encode_mean": float(np.max(np.abs(mean_ref))),
                            "encode_logvar": float(np.max(np.abs(logvar_ref))),
                            "decode": float(np.max(np.abs(out_ref)))}}
@@ -137,9 +137,7 @@ def run_sd_unet(args, timer):
     from mapreps_jax.networks.sd_unet import SDUNetConfig, convert_diffusers_unet, sd_unet_apply
 
     cfg = SDUNetConfig.tiny() if args.tiny else SDUNetConfig.sd15()
-    # architecture_dict's fields are UNet2DConditionModel's keyword arguments
-    net = timer("build_reference", lambda: randomize(
-        diffusers.UNet2DConditionModel(**cfg.architecture_dict()).eval(), seed=12))
+    net = timer("build_reference", lambda: randomize(diffusers_unet(diffusers, cfg), seed=12))
     assert SDUNetConfig.from_diffusers(dict(net.config)) == cfg
     params = timer("convert", lambda: convert_diffusers_unet(_state_dict_numpy(net), cfg))
     n_ref = sum(p.numel() for p in net.parameters())
@@ -161,9 +159,9 @@ def run_sd_unet(args, timer):
             refs[t] = ref = timer(f"torch_eps_t{t:g}", t_fwd)
             out = timer(f"jax_eps_t{t:g}" + ("_incl_compile" if t == T_VALUES[0] else ""),
                         lambda t=t: jax.block_until_ready(fwd(params, z, jnp.array([t], jnp.float32), ctx)))
-            res["rel_err"][f"eps_t{t:g}"] = _rel(out, ref)
+            res["rel_err"][f"eps_t{t:g}"] = rel_err(out, ref)
             res["ref_max_abs"][f"eps_t{t:g}"] = float(np.max(np.abs(ref)))
-    res["reference_t_sensitivity"] = _rel(refs[T_VALUES[0]], refs[T_VALUES[1]])  # > 0: t is not vacuous
+    res["reference_t_sensitivity"] = rel_err(refs[T_VALUES[0]], refs[T_VALUES[1]])  # > 0: t is not vacuous
     return res  # the models are freed on return (main then runs gc and jax.clear_caches)
 
 
@@ -201,9 +199,9 @@ def run_ldm_unet(args, timer):
             out = timer(f"jax_eps_t{t:g}" + ("_incl_compile" if t == T_VALUES[0] else ""),
                         lambda t=t: jax.block_until_ready(fwd(params, x, jnp.array([t], jnp.float32))))
             assert out.shape == ref.shape == (1, size, size, cfg.out_channels), (out.shape, ref.shape)
-            res["rel_err"][f"eps_t{t:g}"] = _rel(out, ref)
+            res["rel_err"][f"eps_t{t:g}"] = rel_err(out, ref)
             res["ref_max_abs"][f"eps_t{t:g}"] = float(np.max(np.abs(ref)))
-    res["reference_t_sensitivity"] = _rel(refs[T_VALUES[0]], refs[T_VALUES[1]])
+    res["reference_t_sensitivity"] = rel_err(refs[T_VALUES[0]], refs[T_VALUES[1]])
     return res  # the models are freed on return (main then runs gc and jax.clear_caches)
 
 
@@ -248,7 +246,7 @@ def run_vq_f4(args, timer):
     p_oracle = convert_diffusers_autoencoder(dsd, cfg)
     same_params = all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
         lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), params, p_oracle)))
-    net = _diffusers_autoencoder(diffusers, cfg)
+    net = diffusers_autoencoder(diffusers, cfg)
     net.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in dsd.items()}, strict=True)
     n_ref = sum(p.numel() for p in net.parameters())
     f = cfg.scaling_factor
@@ -282,8 +280,8 @@ def run_vq_f4(args, timer):
            "inputs": "image ~ U(-1, 1); both decoders get the reference encoder's latent",
            "parameters_bit_identical_to_oracle_path": same_params,
            "oracle_maps_codebook": codebook_mapped_by_oracle,
-           "rel_err": {"encode": _rel(z, f * h_ref), "decode": _rel(out, out_ref),
-                       "decode_no_quantize": _rel(out_nq, out_nq_ref)},
+           "rel_err": {"encode": rel_err(z, f * h_ref), "decode": rel_err(out, out_ref),
+                       "decode_no_quantize": rel_err(out_nq, out_nq_ref)},
            "ref_max_abs": {"encode": float(np.max(np.abs(h_ref))), "decode": float(np.max(np.abs(out_ref)))},
            "code_indices": {
                "positions": int(idx_ref.size),
@@ -317,7 +315,7 @@ def main(argv=None):
     out = args.out or os.path.join(ROOT, "benchmarks", "results",
                                    f"fullsize_equivalence{'_tiny' if args.tiny else ''}.json")
 
-    command = " ".join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else list(argv)))
+    command = command_line(argv)
 
     import torch
 
@@ -334,7 +332,7 @@ def main(argv=None):
             old = json.load(fh)
         if old.get("tiny") == args.tiny:
             res["networks"] = old.get("networks", {})
-    res.update({"tiny": args.tiny, "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
+    res.update({"tiny": args.tiny, "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
                 "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
                 "versions": {"jax": jax.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                              "deepinv": getattr(deepinv, "__version__", None)},
@@ -359,7 +357,7 @@ def main(argv=None):
               f"{entry['wall_s']:.0f}s, peak RSS {entry['peak_rss_gib_so_far']:.1f} GiB", flush=True)
         if "code_indices" in entry:
             print(f"  code indices: {entry['code_indices']}", flush=True)
-        _write_json_atomic(out, res)
+        write_json_atomic(out, res)
         jax.clear_caches()
         gc.collect()
     print(f"wrote {out}")

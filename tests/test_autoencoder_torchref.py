@@ -23,7 +23,7 @@ import os
 import numpy as np
 import pytest
 
-from torch_reference import import_reference, nchw, nhwc, random_tensor, randomize, rel_err
+from torch_reference import diffusers_autoencoder, import_reference, nchw, nhwc, random_tensor, randomize, rel_err
 
 pytestmark = pytest.mark.torchref
 
@@ -51,15 +51,7 @@ CODEBOOK = ("embedding.weight",)
 
 
 def _reference(cfg):
-    n = len(cfg.block_out_channels)
-    kw = dict(in_channels=cfg.in_channels, out_channels=cfg.out_channels, block_out_channels=cfg.block_out_channels,
-              layers_per_block=cfg.layers_per_block, latent_channels=cfg.latent_channels,
-              norm_num_groups=cfg.norm_num_groups, sample_size=cfg.sample_size, scaling_factor=cfg.scaling_factor,
-              down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-              mid_block_add_attention=cfg.mid_block_add_attention)
-    if cfg.kind == "kl":
-        return diffusers.AutoencoderKL(**kw).eval()
-    return diffusers.VQModel(num_vq_embeddings=cfg.num_vq_embeddings, vq_embed_dim=cfg.vq_embed_dim, **kw).eval()
+    return diffusers_autoencoder(diffusers, cfg)
 
 
 def _via_safetensors(net, tmp_path):

@@ -126,3 +126,17 @@ def capture_block_outputs(blocks, call):
         for h in hooks:
             h.remove()
     return out, feats
+
+
+def diffusers_autoencoder(diffusers, cfg):
+    """The diffusers ``AutoencoderKL`` (``cfg.kind == "kl"``) or ``VQModel`` of a
+    :class:`~mapreps_jax.networks.autoencoder.AutoencoderConfig` (``eval()``, diffusers' own initialisation)."""
+    n = len(cfg.block_out_channels)
+    kw = dict(in_channels=cfg.in_channels, out_channels=cfg.out_channels, block_out_channels=cfg.block_out_channels,
+              layers_per_block=cfg.layers_per_block, latent_channels=cfg.latent_channels,
+              norm_num_groups=cfg.norm_num_groups, sample_size=cfg.sample_size, scaling_factor=cfg.scaling_factor,
+              down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+              mid_block_add_attention=cfg.mid_block_add_attention)
+    if cfg.kind == "kl":
+        return diffusers.AutoencoderKL(**kw).eval()
+    return diffusers.VQModel(num_vq_embeddings=cfg.num_vq_embeddings, vq_embed_dim=cfg.vq_embed_dim, **kw).eval()
