@@ -110,6 +110,20 @@ def zero_init_outputs(params):
     return jax.tree_util.tree_map_with_path(f, params)
 
 
+
+def stop_on_signals() -> dict:
+    """``{"flag": False}``, set to True by SIGTERM / SIGINT: the training loop saves and stops at the next step."""
+    stop = {"flag": False}
+
+    def on_signal(signum, frame):
+        print(f"signal {signum}: saving and stopping", flush=True)
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     config = make_config(a)
@@ -250,14 +264,7 @@ def main(argv=None) -> int:
     os.makedirs(a.out, exist_ok=True)
     truncate_log(step)
 
-    stop = {"flag": False}
-
-    def on_signal(signum, frame):
-        print(f"signal {signum}: saving and stopping", flush=True)
-        stop["flag"] = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals()
 
     # ---------------------------------------------------------------- loop
     t_start = time.time()
