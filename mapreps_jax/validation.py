@@ -9,8 +9,8 @@ import numbers
 
 import numpy as np
 
-__all__ = ["check_batched", "check_measurement", "check_signal", "check_state", "check_finite", "concrete_value", "check_scalar",
-           "check_t0", "check_same_batch"]
+__all__ = ["check_batched", "check_measurement", "check_signal", "check_state", "check_finite", "concrete_value",
+           "check_scalar", "check_t0", "check_same_batch"]
 
 
 def _is_tracer(x) -> bool:

@@ -42,12 +42,14 @@ def load_default_prior(path: Optional[str] = None, name: str = "digits-adm"):
     the schedule recorded in ``config.json``: linear, 1000 steps): images ``[B, 32, 32, 1]`` in ``[-1, 1]``.
 
     Args:
-      path: checkpoint folder holding ``config.json`` and ``diffusion/`` (default :func:`~mapreps_jax.checkpoint_io.default_checkpoint_dir`).
+      path: checkpoint folder holding ``config.json`` and ``diffusion/`` (default
+        :func:`~mapreps_jax.checkpoint_io.default_checkpoint_dir`).
 
     Raises:
       FileNotFoundError: no such folder (or ``$MAPREPS_CHECKPOINTS`` names a missing folder).
-      ValueError: a damaged checkpoint (checksum, size, missing/extra file; see :func:`~mapreps_jax.checkpoint_io.verify_checkpoint_files`),
-        an invalid ``config.json`` or schedule, or parameters that do not match the ADM config (named).
+      ValueError: a damaged checkpoint (checksum, size, missing/extra file; see
+        :func:`~mapreps_jax.checkpoint_io.verify_checkpoint_files`), an invalid ``config.json`` or schedule, or
+        parameters that do not match the ADM config (named).
     """
     from ..networks.adm import ADMConfig, adm_score_model, param_shapes
 
@@ -73,8 +75,8 @@ def load_default_prior(path: Optional[str] = None, name: str = "digits-adm"):
 def save_prior(root: str, params, config, schedule: Optional[dict] = None, extra_config: Optional[dict] = None,
                info: Optional[dict] = None) -> None:
     """Write a diffusion prior in the bundled layout: ``root/diffusion/`` (atomic; ``info.json``) and
-    ``root/config.json`` with the ADM config and the schedule record (``schedule`` from :func:`~mapreps_jax.checkpoint_io.schedule_metadata`,
-    default linear 1000 steps, stored as ``schedule`` kind, ``T`` and ``schedule_params`` so that older readers
+    ``root/config.json`` with the ADM config and the schedule record (``schedule`` from
+    :func:`~mapreps_jax.checkpoint_io.schedule_metadata`, default linear 1000 steps, stored as ``schedule`` kind, ``T`` and ``schedule_params`` so that older readers
     still see the kind), then refresh ``checksums.json``. :func:`load_default_prior` reads it back."""
     from ..networks.adm import param_shapes
 
