@@ -220,7 +220,8 @@ def test_dp_sweep_keys_progress_and_timings():
     np.testing.assert_array_equal(res.outputs[0], res.x_map)
     np.testing.assert_allclose(res.outputs[2], mr.rps(k2, model, op, y, res.x_map, 100, sampler=sampler, n_steps=10),
                                atol=1e-5)
-    assert res.nfe == {"stage1": 20, "stage2": [0, 10, 10], "total": 40}
+    assert res.nfe == {"stage1": 20, "stage2": [0, 10, 10], "total": 40,
+                       "calls": {"unet": 40, "decoder": 0, "encoder": 0}}  # pixel space: no autoencoder calls
 
 
 def test_gmm_oracle_sampler_matches_exact_posterior():
