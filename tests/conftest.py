@@ -4,3 +4,22 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+import gc  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop JAX's compiled programs after each test module.
+
+    Every compiled XLA:CPU program keeps about three memory mappings for its code; JAX caches them for the life of
+    the process (eager operations too, one per shape and dtype). Over the whole suite in one process that reached
+    the kernel's limit of 65,530 mappings per process (``vm.max_map_count``) and XLA segfaulted while compiling
+    (seen twice, at different tests). Modules rarely share compiled programs, so clearing the caches between modules
+    costs little."""
+    yield
+    jax.clear_caches()
+    gc.collect()
