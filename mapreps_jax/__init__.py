@@ -36,13 +36,14 @@ from .operators import Operator, make_operator, custom_operator, stack_operators
 from .priors import (GaussianPrior, GMMPrior, GaussianPosterior, GMMPosterior, SVDGains, operator_matrix, gaussian_w2, gaussian_fit, ideal_dp_curve, oracle_map_rps_dp,
                      stage1_fixed_point, svd_gains)
 from .map_stage import MAPConfig, MAPInfo, map_estimate, map_estimate_trace, principled_weight, prox_data_fit
-from .samplers import (DPSStep, DDPMStep, DDNMStep, PiGDMStep, DMPSStep, PSLDStep, SAMPLERS, make_sampler, SamplerState,
-                       StepInfo)
+from .samplers import (DPSStep, DDPMStep, DDNMStep, PiGDMStep, DMPSStep, PSLDStep, ReSampleStep, SAMPLERS, make_sampler,
+                       SamplerState, StepInfo)
 from .rps_stage import rps, rps_trace, reverse_loop, subgrid_times, stage2_nfe
 from .continuous import rps_sde
 from .map_rps import map_rps, dp_sweep, SweepResult, network_calls
-from .baselines import prior_sample, dps, dps_average, ccdf, red_diff, REDDiffConfig, RED_DIFF_WEIGHTINGS
+from .baselines import prior_sample, dps, dps_average, resample, ccdf, red_diff, REDDiffConfig, RED_DIFF_WEIGHTINGS
 from .metrics import rmse, psnr, ssim, frechet_distance, sliced_w2, mmd
+from .testbed import orthogonal_latent_space
 from .app.pretrained import load_default_prior
 from .app.demo import DemoConfig, run_demo
 

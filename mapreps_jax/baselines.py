@@ -4,6 +4,8 @@
   ``K``-step sub-grid): the reference for "what the prior alone produces".
 * :func:`dps`: DPS from ``N(0, I)`` at ``T - 1`` over all ``T`` steps (NFE ``T``, each a forward + VJP);
   ``n_steps=K`` gives DPS-S (K-step sub-grid), ``noise_scale=lambda`` VSDPS, :func:`dps_average` DPS-A.
+* :func:`resample`: ReSample (Song et al. 2024) from ``N(0, I)`` at ``T - 1``: the latent DPS step every step, hard
+  data consistency and stochastic resampling on its schedule (:class:`~mapreps_jax.samplers.ReSampleStep`).
 * :func:`ccdf`: RPS started from ``A_pinv(y)`` instead of the MAP estimate (CCDF-style "come closer").
 * :func:`red_diff`: RED-diff (Mardani et al. 2023), a variational optimisation of ``mu``:
   ``x_t = sqrt(a) mu + sqrt(1-a) eps``, ``e = sg(eps_fn(x_t, t))`` and one Adam step on
@@ -27,11 +29,12 @@ from .config import pytree_config, static
 from .model import ScoreModel
 from .rng import fold_keys, image_keys, normal, normal_like, split_keys
 from .rps_stage import reverse_loop, rps, subgrid_times
-from .samplers import DDPMStep, DPSStep
+from .samplers import DDPMStep, DPSStep, ReSampleStep
 from .space import Problem
 from .validation import check_measurement, check_same_batch, check_scalar, check_state, check_t0
 
-__all__ = ["prior_sample", "dps", "dps_average", "ccdf", "red_diff", "REDDiffConfig", "RED_DIFF_WEIGHTINGS", "red_diff_weight"]
+__all__ = ["prior_sample", "dps", "dps_average", "resample", "ccdf", "red_diff", "REDDiffConfig", "RED_DIFF_WEIGHTINGS",
+           "red_diff_weight"]
 
 
 def prior_sample(key, model: ScoreModel, shape, *, n_steps: Optional[int] = None, sampler=None, cond=None):
@@ -60,6 +63,30 @@ def dps(key, model: ScoreModel, op, y, *, sampler=None, cond=None, n_steps: Opti
     k0, k1 = split_keys(image_keys(key, y.shape[0], "dps"))
     x = normal(k0, Problem(model, op, y).state_shape(), y.dtype)  # float64 measurements give a float64 run
     return reverse_loop(k1, model, op, y, x, model.T - 1, sampler=sampler, cond=cond, n_steps=n_steps)
+
+
+def resample(key, model: ScoreModel, op, y, *, sampler=None, n_steps: Optional[int] = None, cond=None):
+    """ReSample: ``z_{T-1} ~ N(0, I)`` in the model's space, then :class:`~mapreps_jax.samplers.ReSampleStep` (default
+    ``ReSampleStep()``) for all ``T`` steps ``T - 1, ..., 0`` or on a ``K``-step sub-grid
+    (:func:`~mapreps_jax.rps_stage.subgrid_times` of ``T - 1``). Keys as :func:`dps`. Returns ``[B, *state_shape]``
+    (latents for a latent model: ``model.decode`` gives images).
+
+    Cost per image: ``model.eps_calls`` UNet calls per step (forward + VJP); decoder and encoder forwards
+    ``sampler.calls_over(times, T)`` with ``times`` the executed step times (hard-DC steps cost ``latent_iters``
+    more decoder calls and one encoder call)."""
+    if op is None:
+        raise ValueError("resample: op is required (a forward operator; ReSample enforces consistency with y)")
+    y = check_measurement(op, y, "resample")
+    if sampler is None:
+        sampler = ReSampleStep()
+    elif not isinstance(sampler, ReSampleStep):
+        raise TypeError(f"resample: sampler must be a ReSampleStep, got {type(sampler).__name__} (use dps or "
+                        f"reverse_loop for other step rules)")
+    if n_steps is not None:
+        check_scalar(n_steps, "n_steps", "resample", lo=1, integer=True)
+    k0, k1 = split_keys(image_keys(key, y.shape[0], "resample"))
+    z = normal(k0, Problem(model, op, y).state_shape(), y.dtype)
+    return reverse_loop(k1, model, op, y, z, model.T - 1, sampler=sampler, cond=cond, n_steps=n_steps)
 
 
 def dps_average(key, model: ScoreModel, op, y, n_samples: int, **kwargs):

@@ -4,7 +4,10 @@
                          (:mod:`mapreps_jax.app.demo`): dp_curve.png, grid.png, metrics.json.
 ``mapreps testbed ...``  runs an algorithm on an exact prior and prints JSON (:mod:`mapreps_jax.testbed`).
 ``mapreps testbed-demo`` a D-P sweep on an exact prior, plotted with the ideal (closed-form) curve.
-``mapreps restore ...``  restores a 32x32 grayscale image with the bundled digits prior (one PNG per t0).
+``mapreps restore ...``  restores a 32x32 grayscale image with the bundled digits prior (one PNG per t0); with
+                         ``--preset NAME`` an image with the paper's settings on a converted network
+                         (:mod:`mapreps_jax.presets`: ``ffhq-*`` pixel ADM, ``ldm-ffhq-*`` / ``sd15-*`` LMAP-RPS;
+                         ``sd15-*`` also ``--prompt-embedding`` / ``--negative-embedding``, npy text embeddings).
 ``mapreps convert adm``  converts a public guided-diffusion checkpoint to Flax (:mod:`mapreps_jax.networks.convert`).
 ``mapreps convert sd`` / ``ldm-ffhq``  converts Stable Diffusion 1.5 (diffusers folder) or the CompVis LDM FFHQ-256
                          checkpoint to a latent model (:mod:`mapreps_jax.networks.latent`).
@@ -137,19 +140,22 @@ def cmd_demo(args) -> int:
 
     from .app.demo import FD_MIN_IMAGES, QUICK, DemoConfig, is_demo_file, nfe_budget, run_demo, write_demo
     from .checkpoint_io import check_output_dir
-    from .app.pretrained import load_default_prior, load_default_prior_config
+    from .app.pretrained import load_default_latent, load_default_prior, load_default_prior_config
 
     base = QUICK if args.quick else DemoConfig()
     over = {k: v for k, v in (("tasks", args.tasks), ("t0", args.t0), ("n_images", args.n_images),
                               ("seed", args.seed), ("stage2_steps", args.steps), ("n_iter", args.n_iter),
-                              ("red_diff_steps", args.red_diff_steps)) if v is not None}
+                              ("red_diff_steps", args.red_diff_steps), ("space", args.space),
+                              ("latent_n_iter", args.latent_n_iter), ("latent_stage2_steps", args.latent_steps))
+            if v is not None}
     cfg = dataclasses.replace(base, **over)
     t_start = time.perf_counter()
-    # everything that can fail without computing, before computing: options, output folder, checkpoint
+    # everything that can fail without computing, before computing: options, output folder, checkpoints
     cfg = cfg.validate(int(load_default_prior_config().get("T", 1000)))
     check_output_dir(args.out, overwrite=args.overwrite, is_ours=is_demo_file)
-    model = load_default_prior()
-    cfg = cfg.validate(model.T)
+    model = load_default_prior() if cfg.space in ("pixel", "both") else None
+    latent = load_default_latent() if cfg.space in ("latent", "both") else None
+    cfg = cfg.validate((model or latent).T)
     total = nfe_budget(cfg)["total"]
     bar, upd = _progress_bar(total, "mapreps demo (NFE per image)", enabled=not args.quiet)
 
@@ -158,17 +164,19 @@ def cmd_demo(args) -> int:
         upd(done, total)
 
     try:
-        result = run_demo(model, cfg, progress=progress)
+        result = run_demo(model, cfg, progress=progress, latent_model=latent)
     finally:
         bar.close()
     files = write_demo(result, args.out, overwrite=args.overwrite)
     m = result["metrics"]
     lines = [f"{'task':8s} {'method':10s} {'RMSE':>7s} {'digit-FD':>9s}"]
     for name, r in m["tasks"].items():
-        for p in r["map_rps"]:
-            lines.append(f"{name:8s} {'t0=' + str(p['t0']):10s} {p['rmse']:7.4f} {p['digit_fd']:9.1f}")
-        for key, label in (("dps", "DPS"), ("red_diff", "RED-diff")):
-            lines.append(f"{name:8s} {label:10s} {r[key]['rmse']:7.4f} {r[key]['digit_fd']:9.1f}")
+        for sweep, prefix in (("map_rps", ""), ("lmap_rps", "L ")):
+            for p in r.get(sweep, ()):
+                lines.append(f"{name:8s} {prefix + 't0=' + str(p['t0']):10s} {p['rmse']:7.4f} {p['digit_fd']:9.1f}")
+        for key, label in (("dps", "DPS"), ("red_diff", "RED-diff"), ("latent_dps", "Latent-DPS"), ("psld", "PSLD")):
+            if key in r:
+                lines.append(f"{name:8s} {label:10s} {r[key]['rmse']:7.4f} {r[key]['digit_fd']:9.1f}")
     print("\n".join(lines))
     print(f"digit-FD of the {cfg.n_images} clean digits themselves: {m['digit_fd_clean']:.1f} (small-set bias)")
     if cfg.n_images < FD_MIN_IMAGES:
@@ -275,11 +283,14 @@ def cmd_restore(args) -> int:
 
 
 def _restore_preset(args) -> int:
-    """``restore --preset NAME [--model DIR]``: the paper's settings on a converted network (one PNG per t0)."""
+    """``restore --preset NAME [--model DIR]``: the paper's settings on a converted network (one PNG per t0). A
+    text-conditioned preset (``sd15-*``) also needs ``--prompt-embedding`` and ``--negative-embedding`` (npy text
+    embeddings ``[L, 768]``: the library has no text encoder)."""
     import json
 
     from .app.digits import is_restore_file
-    from .presets import get_preset, load_preset_model, restore_preset_files
+    from .presets import (TEXT_EMBEDDING_HELP, check_text_embedding, get_preset, load_preset_model,
+                          restore_preset_files, text_embedding_dim)
     from .checkpoint_io import check_output_dir, write_output_set
 
     p = get_preset(args.preset)
@@ -289,7 +300,21 @@ def _restore_preset(args) -> int:
     t0s = list(p.t0s) if args.t0 is None else args.t0
     if any(t < 0 or t > 1000 for t in t0s):
         raise ValueError(f"--t0 values must be in [0, 1000], got {t0s}")
+    given = (("--prompt-embedding", args.prompt_embedding), ("--negative-embedding", args.negative_embedding))
+    if p.needs_text:
+        missing = [opt for opt, val in given if val is None]
+        if missing:
+            raise ValueError(f"restore --preset {p.name}: needs {' and '.join(o + ' FILE.npy' for o in missing)} "
+                             f"(classifier-free guidance {p.cfg_scale}; --prompt-embedding: the caption's, "
+                             f"--negative-embedding: the empty prompt's): {TEXT_EMBEDDING_HELP}")
+    elif any(val is not None for _, val in given):
+        raise ValueError(f"restore --preset {p.name}: {', '.join(o for o, v in given if v is not None)} is for the "
+                         f"text-conditioned sd15-* presets; {p.name} is unconditional: drop it")
     check_output_dir(args.out, overwrite=args.overwrite, is_ours=is_restore_file)
+    cond = uncond = None
+    if p.needs_text:
+        cond = _read_embedding(args.prompt_embedding, "--prompt-embedding")
+        uncond = _read_embedding(args.negative_embedding, "--negative-embedding")
     if args.model is None:
         model = load_preset_model(p)
     else:
@@ -298,10 +323,39 @@ def _restore_preset(args) -> int:
         if not os.path.isdir(args.model):
             raise ValueError(f"--model: no converted checkpoint folder at {args.model!r}\n{_preset_help(p)}")
         model = load_model(args.model)
-    files = restore_preset_files(model, p, args.input, t0s, observed=args.observed, seed=args.seed)
+    if p.needs_text:  # the width the loaded UNet attends to (768 for SD 1.5), before computing
+        dim = text_embedding_dim(model)
+        cond = check_text_embedding(cond, dim, f"--prompt-embedding {args.prompt_embedding}")
+        uncond = check_text_embedding(uncond, dim, f"--negative-embedding {args.negative_embedding}")
+    files = restore_preset_files(model, p, args.input, t0s, observed=args.observed, seed=args.seed, cond=cond,
+                                 uncond=uncond)
     write_output_set(args.out, files, overwrite=args.overwrite, is_ours=is_restore_file)
     print(json.dumps({"out": args.out, "preset": p.name, "files": sorted(files)}))
     return 0
+
+
+def _read_embedding(path: str, opt: str):
+    """A text embedding ``[L, D]`` from a ``.npy`` file (no pickles); ``ValueError`` naming the option, the file,
+    what was expected and what was given."""
+    import numpy as np
+
+    from .presets import check_text_embedding
+
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise ValueError(f"{opt}: file not found: {path}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{opt}: {path} is a folder, expected a .npy file") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{opt}: could not read {path} as a .npy array (numpy.save of a float array [L, 768]): "
+                         f"{e}") from None
+    if not isinstance(arr, np.ndarray):  # an .npz archive
+        raise ValueError(f"{opt}: {path} is an .npz archive; expected one array [L, 768] saved with numpy.save")
+    if arr.ndim != 2:
+        raise ValueError(f"{opt}: expected a text embedding of shape [L, 768] (L tokens), got shape {arr.shape} "
+                         f"in {path}")
+    return check_text_embedding(arr, None, f"{opt} {path}")
 
 
 def _preset_help(p) -> str:
@@ -314,6 +368,12 @@ def cmd_convert(argv: List[str]) -> int:
     from .networks.convert import convert_command
 
     return convert_command(argv)
+
+
+def _preset_names() -> List[str]:
+    from .presets import all_presets
+
+    return list(all_presets())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -337,8 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="Stage-2 / DPS sub-grid steps K (default 20)")
     p.add_argument("--n-iter", type=int, default=None, help="Stage-1 steps N (default 100)")
     p.add_argument("--red-diff-steps", type=int, default=None, help="RED-diff steps (default 100)")
+    p.add_argument("--space", choices=("pixel", "latent", "both"), default=None,
+                   help="pixel methods (bundled pixel prior), latent methods (bundled latent model: LMAP-RPS, "
+                        "Latent-DPS, PSLD) or both (default)")
+    p.add_argument("--latent-n-iter", type=int, default=None, help="LMAP Stage-1 steps (default 30)")
+    p.add_argument("--latent-steps", type=int, default=None,
+                   help="sub-grid steps K of LMAP-RPS Stage 2, Latent-DPS and PSLD (default 10)")
     p.add_argument("--quick", action="store_true", help="smaller defaults (12 digits, t0 0,200,400, K 10, N 40, "
-                                                        "RED-diff 10 steps): under a minute on 2 CPU cores")
+                                                        "RED-diff 10 steps; latent N 20, K 5)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo output in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
@@ -348,14 +414,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a previous testbed-demo output in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_testbed_demo)
-    p = sub.add_parser("restore", help="restore a 32x32 grayscale image with the bundled digits prior")
+    p = sub.add_parser("restore", help="restore a 32x32 grayscale image with the bundled digits prior (or, with "
+                                       "--preset, an image with the paper's settings on a converted network)")
     p.add_argument("--task", default=None, help="sr4 | inpaint | deblur | denoise | inpaint_mask (digits prior)")
     p.add_argument("--preset", default=None, help="the paper's settings on a converted network instead of the "
-                   "digits prior: ffhq-denoise | ffhq-inpaint-random | ffhq-sr4 | ffhq-deblur-aniso")
+                   "digits prior: ffhq-* (pixel ADM, 256x256), ldm-ffhq-* (LDM FFHQ, 256x256), sd15-* (Stable "
+                   "Diffusion 1.5, 512x512): " + " | ".join(_preset_names()))
     p.add_argument("--model", default=None, help="with --preset: a converted checkpoint folder (default: the "
-                   "registered adm-ffhq256 under $MAPREPS_CHECKPOINTS or ./checkpoints)")
+                   "preset's registered model, adm-ffhq256 / ldm-ffhq256 / sd15, under $MAPREPS_CHECKPOINTS or "
+                   "./checkpoints)")
+    p.add_argument("--prompt-embedding", default=None, metavar="FILE.npy",
+                   help="with an sd15-* preset (required): the caption's text embedding, a float array [L, 768] "
+                        "saved with numpy.save (the SD 1.5 CLIP text encoder's last hidden state; mapreps-jax has "
+                        "no text encoder)")
+    p.add_argument("--negative-embedding", default=None, metavar="FILE.npy",
+                   help="with an sd15-* preset (required): the empty prompt's text embedding [L, 768] (the "
+                        "unconditional branch of classifier-free guidance, scale 1.5)")
     p.add_argument("--input", required=True, help="PNG: a clean 32x32 digit (simulated measurement) or, with "
-                                                  "--observed, the degraded measurement itself (8x8 for sr4)")
+                                                  "--observed, the degraded measurement itself (8x8 for sr4); with "
+                                                  "--preset an RGB image of the preset's size")
     p.add_argument("--mask", default=None, help="PNG mask for inpaint_mask (white = observed)")
     p.add_argument("--observed", action="store_true", help="--input is the measurement, not a clean image")
     p.add_argument("--t0", type=_int_list, default=None,
@@ -366,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous restore output in --out")
     p.set_defaults(func=cmd_restore)
-    sub.add_parser("convert", help="convert a public PyTorch checkpoint (mapreps convert adm|sd|ldm-ffhq --help)",
+    sub.add_parser("convert", help="convert a public PyTorch checkpoint (mapreps convert "
+                                   "adm|sd|ldm-ffhq|lpips|inception --help)",
                    add_help=False)
     return parser
 

@@ -56,20 +56,70 @@ def map_rps(key, model: ScoreModel, op, y, t0, *, map_config: MAPConfig = MAPCon
                             max_steps=max_steps))
 
 
+def _rps_step_times(t0: int, n_steps: Optional[int] = None) -> list:
+    """The times of the steps one RPS run at ``t0`` executes, in order: ``t0 - 1, ..., 0`` on the full grid; on a
+    ``K``-step sub-grid the :func:`~mapreps_jax.rps_stage.subgrid_times` whose successor is earlier (the loop skips
+    the others). ``t0 = 0``: none."""
+    from .rps_stage import subgrid_times
+
+    t0 = int(t0)
+    if t0 == 0:
+        return []
+    if n_steps is None:
+        return list(range(t0 - 1, -1, -1))
+    times, nxt = (np.asarray(v) for v in subgrid_times(t0 - 1, int(n_steps)))
+    return [int(t) for t, tn in zip(times, nxt) if tn < t]
+
+
 def network_calls(model: ScoreModel, sampler=None, *, stage1_steps: int = 0, stage2_steps: int = 0,
-                  encodes: int = 0, decodes: int = 0) -> dict:
+                  encodes: int = 0, decodes: int = 0, stage2_times: Optional[Sequence] = None) -> dict:
     """Per-image network evaluations of a run: ``{"unet", "decoder", "encoder"}``.
 
     ``unet = model.eps_calls (stage1_steps + stage2_steps)`` (a classifier-free-guided model evaluates the network
     twice per ``eps``). In a latent space each Stage-1 step makes one decoder forward (its VJP included) and each
     Stage-2 step ``sampler.latent_calls`` decoder and encoder forwards; ``encodes`` / ``decodes`` add the others (the
-    Stage-1 start ``E(A_pinv y)``, the outputs' ``D(z)``). Pixel space: no decoder or encoder calls."""
+    Stage-1 start ``E(A_pinv y)``, the outputs' ``D(z)``). Pixel space: no decoder or encoder calls.
+
+    ``stage2_times``: the Stage-2 runs, each a sequence of the times of the steps it executes, in order (each run
+    starts from a fresh ``sampler.init``; e.g. ``t0 - 1, ..., 0`` for RPS at ``t0``). With it the Stage-2 decoder and
+    encoder forwards are ``sampler.calls_over(times, model.T)`` summed over the runs, which a rule whose cost varies by
+    step (``sampler.calls_vary_by_step``: :class:`~mapreps_jax.samplers.ReSampleStep`) needs; ``stage2_steps`` is
+    then their total number of steps (0: taken from ``stage2_times``; another value must equal it)."""
+    where = "network_calls"
+    for name, v in (("stage1_steps", stage1_steps), ("stage2_steps", stage2_steps), ("encodes", encodes),
+                    ("decodes", decodes)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"{where}: {name} must be an int >= 0, got {v!r}")
+    if sampler is not None and not hasattr(sampler, "latent_calls"):
+        raise TypeError(f"{where}: sampler must be a step rule (mapreps_jax.samplers), got {type(sampler).__name__}")
+    if stage2_times is not None:
+        if isinstance(stage2_times, (str, bytes)) or not hasattr(stage2_times, "__iter__"):
+            raise TypeError(f"{where}: stage2_times must be a list of runs, each a sequence of step times; got "
+                            f"{type(stage2_times).__name__}")
+        runs = [list(np.asarray(r, dtype=np.float64).reshape(-1)) if np.ndim(r) <= 1 else None for r in stage2_times]
+        if any(r is None for r in runs):
+            raise ValueError(f"{where}: stage2_times must be a list of runs, each a 1-D sequence of step times")
+        n_times = sum(len(r) for r in runs)
+        if stage2_steps == 0:
+            stage2_steps = n_times
+        elif stage2_steps != n_times:
+            raise ValueError(f"{where}: stage2_steps ({stage2_steps}) must equal the number of step times in "
+                             f"stage2_times ({n_times})")
     unet = int(model.eps_calls) * (int(stage1_steps) + int(stage2_steps))
     if model.space.is_pixel:
         return {"unet": unet, "decoder": 0, "encoder": 0}
-    dec, enc = getattr(sampler, "latent_calls", (0, 0)) if sampler is not None else (0, 0)
-    return {"unet": unet, "decoder": int(stage1_steps) + dec * int(stage2_steps) + int(decodes),
-            "encoder": enc * int(stage2_steps) + int(encodes)}
+    if sampler is None:
+        dec2 = enc2 = 0
+    elif stage2_times is not None:
+        per_run = [sampler.calls_over(r, model.T) for r in runs]
+        dec2, enc2 = sum(c[0] for c in per_run), sum(c[1] for c in per_run)
+    elif getattr(sampler, "calls_vary_by_step", False) and stage2_steps > 0:
+        raise ValueError(f"{where}: the cost of a {type(sampler).__name__} step varies by step; pass stage2_times "
+                         f"(the step times of each Stage-2 run) to count its decoder and encoder calls")
+    else:
+        dec, enc = sampler.latent_calls
+        dec2, enc2 = dec * int(stage2_steps), enc * int(stage2_steps)
+    return {"unet": unet, "decoder": int(stage1_steps) + int(dec2) + int(decodes), "encoder": int(enc2) + int(encodes)}
 
 
 class SweepResult(NamedTuple):
@@ -160,7 +210,8 @@ def dp_sweep(key, model: ScoreModel, op, y, t0s: Sequence[int], *, map_config: M
     nfe = {"stage1": n1, "stage2": stage2, "total": n1 + int(sum(stage2))}
     latent = not model.space.is_pixel
     nfe["calls"] = network_calls(model, sampler, stage1_steps=n1, stage2_steps=int(sum(stage2)),
-                                 encodes=int(latent and n1 > 0), decodes=(1 + len(t0s)) if latent else 0)
+                                 encodes=int(latent and n1 > 0), decodes=(1 + len(t0s)) if latent else 0,
+                                 stage2_times=[_rps_step_times(t, n_steps) for t in t0s])
     if vectorize:
         nfe["total_vectorized"] = n1 + len(t0s) * (int(n_steps) if n_steps else int(t0s.max()))
     sq_err = rmse = psnr = None

@@ -35,6 +35,15 @@ LMAP (``z`` the latent, ``L(z) = ||y - A(D(z))||^2 + w <sg(eps(sqrt(a) z + sqrt(
 ``Problem.data_fit``, the one every algorithm uses. :func:`map_estimate_trace` also returns each step's
 :class:`MAPInfo` (the data fit of the iterate), collected as scan outputs.
 
+Start (``x_init`` not given): ``E(A_pinv y)`` with ``E`` the encoder's deterministic encoding (``init="mean"``: the
+posterior mean of a KL autoencoder, the pre-quantisation latent of a VQ one, the identity in pixel space), or with
+``init="sample"`` a *sample* of a KL encoder's posterior (what the paper's Stable Diffusion code starts from). The
+sample for image ``i`` is drawn from ``fold_in(keys[i], INIT_KEY_DATA)``, ``INIT_KEY_DATA = 2**32 - 1``, ``keys[i]``
+the image's Stage-1 key: the step keys are ``fold_in(keys[i], k)`` for ``k = 0, ..., N - 1`` (``k`` an int32 step
+index, below ``2**31``), so the start never shares a key with a step (``split(keys[i])[j]`` would: with JAX's
+partitionable threefry, the default, it equals ``fold_in(keys[i], j)``), and the per-step noise is the same with
+either start (:func:`init_keys`). A VQ encoder and pixel space ignore the key (``"sample"`` is then ``"mean"``).
+
 Units: images in [-1, 1]; ``sigma_y`` in the same units; ``t1`` a (real) diffusion step index; ``eta`` in units of
 ``x`` per unit of the gradient of ``L``. Each image of the batch is optimised independently (per-image losses are
 summed; AdamW is element-wise; the conjugate-gradient inner products are per image).
@@ -46,6 +55,7 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ._loops import bounded_loop, bounded_scan
@@ -58,9 +68,19 @@ from .space import Problem
 from .validation import check_measurement, check_same_batch, check_scalar, check_state
 
 __all__ = ["MAPConfig", "MAPState", "MAPInfo", "map_estimate", "map_estimate_trace", "principled_weight", "cosine_lr",
-           "safe_norm", "prox_data_fit", "MAP_SOLVERS"]
+           "safe_norm", "prox_data_fit", "init_keys", "MAP_SOLVERS", "MAP_INITS", "INIT_KEY_DATA"]
 
 MAP_SOLVERS = ("adamw", "prox")
+MAP_INITS = ("mean", "sample")
+
+#: ``fold_in`` data of the start's key (``init="sample"``): the largest uint32, a step index Stage 1 never reaches.
+INIT_KEY_DATA = 0xFFFFFFFF
+
+
+def init_keys(key, batch: int):
+    """The keys of the ``init="sample"`` start for a batch of ``batch`` images: ``fold_in(keys[i], INIT_KEY_DATA)``,
+    ``keys = image_keys(key, batch)`` (the Stage-1 key of :func:`map_estimate`; see the module doc)."""
+    return fold_keys(image_keys(key, batch, "init_keys"), np.uint32(INIT_KEY_DATA))
 
 
 def principled_weight(sigma_y, a, r2=None):
@@ -105,6 +125,8 @@ class MAPConfig:
         is reverse-mode differentiable with a traced ``n_iter``.
       solver: static; ``"adamw"`` (the paper's, default) or ``"prox"`` (see the module doc; linear operators).
       cg_iters: static; conjugate-gradient steps of the proximal step (``solver="prox"``).
+      init: static; the start when ``x_init`` is not given: ``"mean"`` (default, ``E(A_pinv y)`` deterministic) or
+        ``"sample"`` (a sample of a KL encoder's posterior, key ``fold_in(keys[i], INIT_KEY_DATA)``; module doc).
     """
 
     t1: Any = 10.0
@@ -120,8 +142,11 @@ class MAPConfig:
     max_iter: Optional[int] = static(None)
     solver: str = static("adamw")
     cg_iters: int = static(20)
+    init: str = static("mean")
 
     def __post_init__(self):
+        if self.init not in MAP_INITS:
+            raise ValueError(f"MAPConfig.init: expected one of {MAP_INITS}, got {self.init!r}")
         if isinstance(self.w, str) and self.w != "auto":
             raise ValueError(f"MAPConfig.w: expected a number or 'auto', got {self.w!r}")
         if self.solver not in MAP_SOLVERS:
@@ -201,7 +226,8 @@ def map_estimate(key, model: ScoreModel, op, y, *, config: MAPConfig = MAPConfig
       config: :class:`MAPConfig`.
       sigma_y: measurement noise std ([-1, 1] units), needed for ``w="auto"``.
       x_init: optional start in the model's space (default ``E(op.x_init(y))``: the pseudo-inverse for linear
-        operators, encoded for a latent model).
+        operators, encoded for a latent model; with ``config.init="sample"`` a posterior sample of the encoder from
+        the keys :func:`init_keys` ``(key, B)``).
       cond: conditioning passed to the model.
 
     Returns ``x`` with shape ``[B, *state_shape]`` (``op.in_shape`` in pixel space, the latent shape for a latent
@@ -238,8 +264,13 @@ def _map(key, model, op, y, cfg, sigma_y, x_init, cond, collect, where):
     if prox and not problem.space.is_pixel:
         raise ValueError(f"{where}: solver='prox' needs the data term linear in the state; {model.name!r} runs in "
                          f"the {problem.space.name!r} space (y - A(D(z)) is not linear in z): use solver='adamw'")
-    x = problem.x_init() if x_init is None else x_init
     keys = image_keys(key, y.shape[0], where)
+    if x_init is not None:
+        x = x_init
+    elif cfg.init == "sample":
+        x = problem.x_init(init_keys(keys, y.shape[0]))  # never a step's key (module doc)
+    else:
+        x = problem.x_init()
     t1 = jnp.asarray(cfg.t1, jnp.float32)
     a = model.alpha_bar(t1)
     if a.ndim:  # one t1 per image ([B]): broadcast over the event axes

@@ -12,6 +12,10 @@ This is the engine of ``mapreps testbed`` and ``mapreps demo`` (exact-prior mode
 * ``D_closed``, ``P_closed``: oracle MAP-RPS in closed form (isotropic Gaussian prior; ``None`` otherwise).
 
 Stage 2 re-noises to ``alpha_bar(t0 - 1)`` as in ``ALGORITHMS.md``.
+
+:func:`orthogonal_latent_space` gives the latent path (LMAP-RPS) the same ground truth: an exact Gaussian prior on
+latents ``z`` with the orthogonal linear decoder ``D(z) = Q z`` decodes to the exact Gaussian pixel prior
+``N(Q mu, Q S Q^T)``, so every closed form of ``TESTBED.md`` holds in pixel units (``tests/test_latent_testbed.py``).
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ from .map_stage import MAPConfig, principled_weight
 from .operators import make_operator
 from .priors import GMMPrior, GaussianPrior, gaussian_fit, gaussian_w2, ideal_dp_curve, oracle_map_rps_dp
 from .samplers import DDPMStep, DMPSStep, DPSStep, PiGDMStep
+from .space import Space, latent_space
 
-__all__ = ["TestbedConfig", "run_testbed", "ALGOS", "STAGE2", "PRIORS", "OPERATORS"]
+__all__ = ["TestbedConfig", "run_testbed", "orthogonal_latent_space", "ALGOS", "STAGE2", "PRIORS", "OPERATORS"]
 
 ALGOS = ("map-rps", "oracle-rps", "dps", "pigdm", "dmps", "red-diff", "ccdf")
 STAGE2 = ("dps", "pigdm", "dmps")
@@ -129,6 +134,66 @@ class TestbedConfig:
         real("red_diff_lr", 0.0, strict=True)
         integer("red_diff_steps", 1)
         return self
+
+
+@dataclasses.dataclass(frozen=True)
+class _OrthogonalEncode:
+    """``E(x) = Q^T x``: images ``[B, *image_shape]`` to latents ``[B, d]`` (hashable: one trace per image shape)."""
+
+    image_shape: tuple
+
+    def __call__(self, Q, x, key=None):
+        x = jnp.asarray(x)
+        return x.reshape(x.shape[0], -1) @ Q.astype(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OrthogonalDecode:
+    """``D(z) = Q z``: latents ``[B, d]`` to images ``[B, *image_shape]``."""
+
+    image_shape: tuple
+
+    def __call__(self, Q, z):
+        z = jnp.asarray(z)
+        return (z.reshape(z.shape[0], -1) @ Q.T.astype(z.dtype)).reshape((z.shape[0],) + self.image_shape)
+
+
+def orthogonal_latent_space(Q, image_shape: Optional[Sequence[int]] = None, name: str = "orthogonal") -> Space:
+    """A latent :class:`~mapreps_jax.space.Space` whose decoder is the orthogonal linear map ``D(z) = Q z`` and whose
+    encoder is its inverse ``E(x) = Q^T x``: the exact testbed of the latent path.
+
+    With an exact Gaussian prior ``N(mu, S)`` on the latents (``dataclasses.replace(prior.score_model(schedule),
+    space=orthogonal_latent_space(Q, shape))``), the decoded prior is the Gaussian pixel prior ``N(Q mu, Q S Q^T)``,
+    and LMAP-RPS with a pixel operator ``A`` is MAP-RPS on the latent problem with operator ``A Q``: the closed forms
+    of ``TESTBED.md`` (Stage-1 fixed point, posterior, oracle D-P curve) hold in pixel units. The exact latent
+    posterior and its oracle Stage-2 model are ``prior.posterior(A Q, ...)`` and ``prior.posterior_model(A Q, ...)``
+    with ``A = op.matrix()``.
+
+    Args:
+      Q: ``[d, d]`` orthogonal matrix (checked to ``1e-4`` when concrete); a pytree leaf (the space's ``params``).
+      image_shape: event shape of the images (``op.in_shape``, e.g. ``(4, 4, 1)``) with ``prod(image_shape) = d``;
+        default ``(d,)`` (vectors).
+      name: the space's name, for messages.
+
+    Latents are vectors ``[B, d]`` (the event shape of :class:`~mapreps_jax.priors.GaussianPrior`); ``E`` ignores its
+    key (the encoder is deterministic).
+    """
+    Q = jnp.asarray(Q)
+    if Q.ndim != 2 or Q.shape[0] != Q.shape[1]:
+        raise ValueError(f"orthogonal_latent_space: Q must be a square matrix [d, d], got shape {list(Q.shape)}")
+    d = int(Q.shape[0])
+    if not isinstance(Q, jax.core.Tracer):
+        q = np.asarray(Q, np.float64)
+        if not np.all(np.isfinite(q)):
+            raise ValueError("orthogonal_latent_space: Q has non-finite entries")
+        dev = float(np.max(np.abs(q.T @ q - np.eye(d))))
+        if dev > 1e-4:
+            raise ValueError(f"orthogonal_latent_space: Q must be orthogonal (Q^T Q = I); max |Q^T Q - I| = {dev:.3g}")
+    shape = (d,) if image_shape is None else tuple(int(v) for v in image_shape)
+    if int(np.prod(shape)) != d:
+        raise ValueError(f"orthogonal_latent_space: image_shape {shape} has {int(np.prod(shape))} entries; Q is "
+                         f"[{d}, {d}]")
+    return latent_space(Q, _OrthogonalEncode(shape), _OrthogonalDecode(shape), name=name)
 
 
 def _build(cfg: TestbedConfig):

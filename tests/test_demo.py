@@ -23,7 +23,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
     n_compiled = rps_jit._cache_size()
-    rc = main(["demo", "--quick", "--n-images", "64", "--out", str(out), "--quiet"])
+    rc = main(["demo", "--quick", "--space", "pixel", "--n-images", "64", "--out", str(out), "--quiet"])
     return rc, out, rps_jit._cache_size() - n_compiled
 
 
@@ -61,11 +61,44 @@ def _check_run(rc, out):
 
 
 def test_quick_demo_as_a_user_runs_it(tmp_path):
-    """Exactly `mapreps demo --quick --out DIR` (12 digits per task). Its digit-FD is not asserted: at 12 images the
-    clean digits themselves score about 500 and the direction of a digit-FD difference is noise (README)."""
+    """Exactly `mapreps demo --quick --out DIR` (12 digits per task, both spaces). Its digit-FD is not asserted: at
+    12 images the clean digits themselves score about 500 and the direction of a digit-FD difference is noise
+    (README)."""
     out = tmp_path / "out"
     m = _check_run(main(["demo", "--quick", "--out", str(out), "--quiet"]), out)
-    assert m["config"]["n_images"] == 12
+    assert m["config"]["n_images"] == 12 and m["config"]["space"] == "both"
+    for r in m["tasks"].values():
+        assert [p["t0"] for p in r["lmap_rps"]] == m["config"]["t0"]
+        assert {"latent_dps", "psld"} <= set(r)
+
+
+# Stage-1 measurement consistency of LMAP on the bundled latent model: mean ||A(D(z_map)) - y|| over the task's
+# digits, in units of sigma_y sqrt(m) (the norm of the noise itself). An exact MAP estimate sits near 1 (below 1:
+# it fits some noise); a Stage 1 that ignored the data would sit at the pseudo-inverse's distance to the truth.
+MAX_CONSISTENCY = 2.0
+
+
+def test_quick_latent_demo_bundled_latent_model(tmp_path):
+    """`mapreps demo --quick --space latent` on 16 digits per task (the bundled latent digits model): RMSE at t0 = 0
+    below that at the largest t0 in at least three of the four tasks, LMAP-RPS at t0 = 0 below Latent-DPS in RMSE
+    on every task, Stage 1 consistent with the measurement, and the latent NFE as configured."""
+    out = tmp_path / "out"
+    rc = main(["demo", "--quick", "--space", "latent", "--n-images", "16", "--out", str(out), "--quiet"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert all(math.isfinite(v) for v in _numbers(m))
+    t0s = m["config"]["t0"]
+    falls = [name for name, r in m["tasks"].items() if r["lmap_rps"][0]["rmse"] < r["lmap_rps"][-1]["rmse"]]
+    assert len(falls) >= 3, {name: [p["rmse"] for p in r["lmap_rps"]] for name, r in m["tasks"].items()}
+    for name, r in m["tasks"].items():
+        assert "map_rps" not in r and [p["t0"] for p in r["lmap_rps"]] == t0s
+        assert r["lmap_rps"][0]["rmse"] < r["latent_dps"]["rmse"], (name, r["lmap_rps"][0], r["latent_dps"])
+        assert r["lmap_stage1_consistency"] < MAX_CONSISTENCY, (name, r["lmap_stage1_consistency"])
+        # and Stage 1 moved towards the data from its start E(A_pinv y): below the pseudo-inverse's RMSE
+        assert r["lmap_rps"][0]["rmse"] < r["measurement_pinv"]["rmse"], (name, r["lmap_rps"][0])
+    c, lat = m["config"], m["nfe"]["latent"]
+    assert lat["lmap_rps_sweep"] == c["latent_n_iter"] + sum(min(c["latent_stage2_steps"], t) for t in t0s)
+    assert lat["calls"]["lmap_rps_sweep"]["unet"] == lat["lmap_rps_sweep"]
 
 
 def test_quick_demo_files_and_numbers(quick_demo):
@@ -88,7 +121,8 @@ def test_one_stage2_program_serves_every_task_and_t0(quick_demo):
 
 @pytest.mark.parametrize("args,msg", [(["--tasks", "sr4,colorize"], "unknown task 'colorize'"),
                                       (["--t0", "0,2000"], "t0 must be in [0, 1000]"),
-                                      (["--n-images", "0"], "n_images must be >= 1")])
+                                      (["--n-images", "0"], "n_images must be >= 1"),
+                                      (["--latent-steps", "0"], "latent_stage2_steps must be >= 1")])
 def test_demo_bad_input(tmp_path, capsys, args, msg):
     out = tmp_path / "o"
     rc = main(["demo", "--quick", "--out", str(out), "--quiet"] + args)

@@ -23,40 +23,15 @@ import pytest
 
 import mapreps_jax as mr
 from mapreps_jax.priors import GaussianPrior
+from call_counter import counting_latent_model, counting_model as _counting_model
 
 SCHED = mr.make_schedule("linear")
 B, D = 3, 6
 
 
-class Counter:
-    def __init__(self):
-        self.rows = 0
-        self.calls = 0
-
-    def __call__(self, x):
-        self.rows += int(np.shape(x)[0])
-        self.calls += 1
-
-    def per_image(self):
-        jax.effects_barrier()
-        assert self.rows % B == 0, (self.rows, B)
-        return self.rows // B
-
-    def reset(self):
-        jax.effects_barrier()
-        self.rows = self.calls = 0
-
-
 def counting_model(model):
     """``model`` whose ``apply`` reports every executed evaluation (with its batch) to the returned counter."""
-    counter = Counter()
-    inner = model.apply
-
-    def apply(params, x_t, t, cond=None):
-        jax.debug.callback(counter, x_t)
-        return inner(params, x_t, t, cond)
-
-    return dataclasses.replace(model, apply=apply), counter
+    return _counting_model(model, B)
 
 
 @pytest.fixture(scope="module")
@@ -194,18 +169,7 @@ def test_stage2_samplers_cost_one_call_per_step(problem, name):
 def _counting_latent(model, M):
     """The exact prior as a latent model with an orthogonal linear autoencoder; UNet, decoder and encoder calls
     counted separately."""
-    counted, unet = counting_model(model)
-    dec, enc = Counter(), Counter()
-
-    def encode(m, x, key=None):
-        jax.debug.callback(enc, x)
-        return x @ m
-
-    def decode(m, z):
-        jax.debug.callback(dec, z)
-        return z @ m.T
-
-    return dataclasses.replace(counted, space=mr.latent_space(M, encode, decode)), (unet, dec, enc)
+    return counting_latent_model(model, B, lambda m, x, key=None: x @ m, lambda m, z: z @ m.T, M)
 
 
 @pytest.mark.parametrize("sampler", [mr.DPSStep(zeta=0.3, clip=False), mr.PSLDStep(zeta=0.3, clip=False),

@@ -282,3 +282,24 @@ def test_psld_runs_a_latent_chain_and_refuses_what_it_cannot_do(setup):
         mr.PSLDStep().step(jax.random.PRNGKey(0), latent, square, square.A(op.x_init(y)), z0, 5, 4)
     with pytest.raises(ValueError, match="projection"):
         mr.PSLDStep(projection="adjoint")
+
+
+@pytest.mark.parametrize("sampler_fn", [
+    lambda g, s: mr.PSLDStep(zeta=0.3, gamma=g, sigma_y=s, clip=False),
+    lambda g, s: mr.PSLDStep.official_lmap(zeta=0.3, gamma=g, sigma_y=s, clip=False),
+    lambda g, s: mr.PiGDMStep(zeta=0.5, sigma_y=s, clip=False),
+])
+def test_per_image_hyper_parameters_act_per_image(setup, sampler_fn):
+    """Hyper-parameters given per image, shaped for the state (``[B, 1]`` here, ``[B, 1, 1, 1]`` for images), give
+    each image the step it gets alone with its own scalar values (a per-image term must not be broadcast across the
+    batch: PSLD's gluing weight once multiplied every image's loss by ``B``)."""
+    prior, M, op, op_eq, y, pixel, latent = setup
+    gam = jnp.linspace(0.05, 0.4, B)
+    sig = jnp.linspace(0.1, 0.3, B)
+    z = latent.encode(op.x_init(y))
+    keys = jax.random.split(jax.random.PRNGKey(31), B)
+    batched = sampler_fn(gam[:, None], sig[:, None]).step(keys, latent, op, y, z, 40, 39)
+    for i in range(B):
+        alone = sampler_fn(float(gam[i]), float(sig[i])).step(keys[i:i + 1], latent, op, y[i:i + 1], z[i:i + 1],
+                                                               40, 39)
+        np.testing.assert_allclose(np.asarray(batched[i:i + 1]), np.asarray(alone), **TOL)

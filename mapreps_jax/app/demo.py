@@ -1,7 +1,9 @@
-"""``mapreps demo``: the distortion-perception traversal on real handwritten digits with the bundled prior.
+"""``mapreps demo``: the distortion-perception traversal on real handwritten digits with the bundled priors.
 
 On the first ``n_images`` held-out digits, for each task of :data:`~mapreps_jax.app.digits.DEMO_TASKS` (super-resolution
-x4, 12x12 box inpainting, Gaussian deblur, denoising):
+x4, 12x12 box inpainting, Gaussian deblur, denoising), with the same measurements for every method:
+
+Pixel space (the bundled digits prior; ``space`` ``"pixel"`` or ``"both"``):
 
 * **MAP-RPS**: Stage 1 (``N`` steps of the preset's solver, proximal gradient, with the task's ``t1``, ``w`` and
   ``eta``; the mean of the last ``3N/4`` iterates) once, then Stage 2 (DPS, ``K``-step
@@ -10,16 +12,27 @@ x4, 12x12 box inpainting, Gaussian deblur, denoising):
   ``x_{T-1} ~ N(0, (1 - alpha_bar_{T-1}) I)`` (DPS starts from ``N(0, I)``; the two stds differ by 2e-5);
 * **RED-diff** (``S`` steps, lambda 0.25, lr 0.25, linear weighting).
 
-All tasks run as ONE batch through :func:`~mapreps_jax.operators.stack_operators` (one compiled program per
-algorithm for all tasks; per-image ``sigma_y``, ``w``, ``eta`` and ``zeta``). Distortion is RMSE on [0, 1] (mean over images);
-perception is digit-FD to the 500 held-out digits (:mod:`~mapreps_jax.app.perception`; not FID, biased upwards for
-small sets: ``digit_fd_clean`` reports the value of the clean images themselves at the same set size).
-NFE per image: MAP-RPS sweep ``N + sum_t0 min(K, t0)``, DPS ``K``, RED-diff ``S``.
+Latent space (the bundled latent digits model, KL autoencoder 32x32x1 <-> 8x8x4 and a latent UNet; ``space``
+``"latent"`` or ``"both"``; hyper-parameters :data:`~mapreps_jax.app.digits.LATENT_TASKS`):
 
-Outputs (:func:`write_demo`): ``dp_curve.png`` (RMSE against digit-FD, one line per method, ``t0`` labelled),
-``grid.png`` (truth, measurement, MAP, each ``t0``, DPS, RED-diff), ``metrics.json``; written as a unit (a
-temporary folder beside ``out_dir``, renamed into place: never a mix of two runs), into a new or empty folder, or
-with ``overwrite`` over a previous demo output (:func:`mapreps_jax.checkpoint_io.write_output_set`).
+* **LMAP-RPS**: Stage 1 (``N_l`` AdamW steps on ``||y - A(D(z))||^2 + w <sg(eps(z_t1, t1)), z>`` from
+  ``E(A_pinv y)``) once, then Stage 2 (the paper code's latent DPS step, ``K_l``-step sub-grid) for every ``t0``;
+* **Latent-DPS**: the same compiled Stage 2 from pure noise at ``t0 = T``;
+* **PSLD**: the latent DPS step plus PSLD's gluing term (:meth:`~mapreps_jax.PSLDStep.official_lmap`), from noise.
+
+All tasks run as ONE batch through :func:`~mapreps_jax.operators.stack_operators` (one compiled program per
+algorithm for all tasks; per-image ``sigma_y``, ``w``, ``eta``, ``t1``, ``lr`` and ``zeta``). Distortion is RMSE on
+[0, 1] (mean over images); perception is digit-FD to the 500 held-out digits (:mod:`~mapreps_jax.app.perception`; not
+FID, biased upwards for small sets: ``digit_fd_clean`` reports the value of the clean images themselves at the same
+set size). NFE per image (:func:`nfe_budget`): MAP-RPS sweep ``N + sum_t0 min(K, t0)``, DPS ``K``, RED-diff ``S``;
+LMAP-RPS sweep ``N_l + sum_t0 min(K_l, t0)``, Latent-DPS and PSLD ``K_l`` UNet calls, with the decoder and encoder
+forwards under ``nfe["latent"]["calls"]``.
+
+Outputs (:func:`write_demo`): ``dp_curve.png`` (RMSE against digit-FD, one line or point per method, ``t0``
+labelled), ``grid.png`` (truth, measurement, MAP, each ``t0``, DPS, RED-diff; a second row per digit for the latent
+methods), ``metrics.json``; written as a unit (a temporary folder beside ``out_dir``, renamed into place: never a mix
+of two runs), into a new or empty folder, or with ``overwrite`` over a previous demo output
+(:func:`mapreps_jax.checkpoint_io.write_output_set`).
 """
 
 from __future__ import annotations
@@ -28,19 +41,20 @@ import dataclasses
 import io
 import json
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ..baselines import REDDiffConfig, red_diff
-from .digits import DEMO_TASKS, dps_zeta, make_task, map_config
-from ..map_rps import dp_sweep, rps_jit
+from .digits import DEMO_TASKS, LATENT_TASKS, dps_zeta, latent_zeta, make_task, map_config
+from ..map_rps import dp_sweep, network_calls, rps_jit
+from ..map_stage import MAPConfig
 from ..metrics import rmse
 from ..operators import stack_operators
 from ..rng import image_keys
-from ..samplers import DPSStep
+from ..samplers import DPSStep, PSLDStep
 
 __all__ = ["DemoConfig", "QUICK", "FD_MIN_IMAGES", "DEMO_FILES", "run_demo", "write_demo", "demo_figures",
            "dp_curve_figure", "figure_png", "nfe_budget", "is_demo_file", "dumps_json"]
@@ -74,6 +88,9 @@ class DemoConfig:
     n_iter: int = 100           # Stage-1 N
     stage2_steps: int = 20      # K of MAP-RPS-S and DPS-S
     red_diff_steps: int = 100   # S
+    space: str = "both"         # "pixel", "latent" or "both"
+    latent_n_iter: int = 30     # LMAP Stage-1 N (AdamW)
+    latent_stage2_steps: int = 10  # K of LMAP-RPS, Latent-DPS and PSLD
 
     def validate(self, T: int = 1000) -> "DemoConfig":
         if isinstance(self.tasks, str):
@@ -92,11 +109,14 @@ class DemoConfig:
         t0 = tuple(sorted({0} | {int(t) for t in self.t0}))  # t0 = 0 (the MAP estimate) is always shown
         if not t0 or t0[0] < 0 or t0[-1] > T:
             raise ValueError(f"demo: every t0 must be in [0, {T}], got {list(self.t0)}")
-        for name in ("n_images", "n_iter", "stage2_steps", "red_diff_steps", "seed"):
+        if self.space not in SPACES:
+            raise ValueError(f"demo: space must be one of {list(SPACES)}, got {self.space!r}")
+        for name in ("n_images", "n_iter", "stage2_steps", "red_diff_steps", "seed", "latent_n_iter",
+                     "latent_stage2_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise ValueError(f"demo: {name} must be an integer, got {v!r}")
-        for name in ("n_images", "n_iter", "stage2_steps", "red_diff_steps"):
+        for name in ("n_images", "n_iter", "stage2_steps", "red_diff_steps", "latent_n_iter", "latent_stage2_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"demo: {name} must be >= 1, got {getattr(self, name)}")
         if self.n_images < 2:  # digit-FD fits a covariance to the outputs
@@ -109,29 +129,84 @@ class DemoConfig:
 
 FD_MIN_IMAGES = 64  # digits per task below which digit-FD's direction between two methods is mostly noise
 
-QUICK = DemoConfig(t0=(0, 200, 400), n_images=12, n_iter=40, stage2_steps=10, red_diff_steps=10)
+SPACES = ("pixel", "latent", "both")
+
+QUICK = DemoConfig(t0=(0, 200, 400), n_images=12, n_iter=40, stage2_steps=10, red_diff_steps=10, latent_n_iter=20,
+                   latent_stage2_steps=5)
 
 
-def nfe_budget(cfg: DemoConfig) -> dict:
-    """Network evaluations per image: the MAP-RPS sweep ``N + sum_t0 min(K, t0)`` (Stage 1 once), DPS ``K``,
-    RED-diff ``S``, and their ``total``."""
-    stage2 = [0 if t == 0 else min(cfg.stage2_steps, t) for t in cfg.t0]
-    out = {"map_rps_sweep": cfg.n_iter + sum(stage2), "map_rps_stage1": cfg.n_iter, "map_rps_stage2": stage2,
-           "dps": cfg.stage2_steps, "red_diff": cfg.red_diff_steps}
-    out["total"] = out["map_rps_sweep"] + out["dps"] + out["red_diff"]
+def nfe_budget(cfg: DemoConfig, latent_model=None) -> dict:
+    """UNet evaluations per image of the methods :attr:`DemoConfig.space` runs, and their ``total``.
+
+    Pixel space: the MAP-RPS sweep ``N + sum_t0 min(K, t0)`` (Stage 1 once), DPS ``K``, RED-diff ``S``. Latent
+    space (under ``"latent"``): the LMAP-RPS sweep ``N_l + sum_t0 min(K_l, t0)``, Latent-DPS ``K_l``, PSLD ``K_l``;
+    with ``latent_model`` also each method's decoder and encoder forwards (``"calls"``,
+    :func:`~mapreps_jax.map_rps.network_calls`: a forward + VJP counts as one; the outputs' decoding included).
+    """
+    out, total = {}, 0
+    if cfg.space in ("pixel", "both"):
+        stage2 = [0 if t == 0 else min(cfg.stage2_steps, t) for t in cfg.t0]
+        out.update({"map_rps_sweep": cfg.n_iter + sum(stage2), "map_rps_stage1": cfg.n_iter,
+                    "map_rps_stage2": stage2, "dps": cfg.stage2_steps, "red_diff": cfg.red_diff_steps})
+        total += out["map_rps_sweep"] + out["dps"] + out["red_diff"]
+    if cfg.space in ("latent", "both"):
+        K, N = cfg.latent_stage2_steps, cfg.latent_n_iter
+        stage2 = [0 if t == 0 else min(K, t) for t in cfg.t0]
+        lat = {"lmap_rps_sweep": N + sum(stage2), "lmap_rps_stage1": N, "lmap_rps_stage2": stage2,
+               "latent_dps": K, "psld": K}
+        if latent_model is not None:
+            lat["calls"] = {
+                "lmap_rps_sweep": network_calls(latent_model, DPSStep(), stage1_steps=N, stage2_steps=sum(stage2),
+                                                encodes=1, decodes=1 + len(cfg.t0)),
+                "latent_dps": network_calls(latent_model, DPSStep(), stage2_steps=K, decodes=1),
+                "psld": network_calls(latent_model, PSLDStep(), stage2_steps=K, decodes=1)}
+        out["latent"] = lat
+        total += lat["lmap_rps_sweep"] + lat["latent_dps"] + lat["psld"]
+    out["total"] = total
     return out
 
 
-def run_demo(model, cfg: DemoConfig = DemoConfig(), progress: Optional[Callable[[int, str], None]] = None) -> dict:
+class _Setup(NamedTuple):
+    """What both spaces share: the same digits, tasks, stacked operator and measurements."""
+
+    x: jax.Array          # [n, 32, 32, 1] the held-out digits
+    presets: tuple        # TaskPreset per task
+    ops: tuple            # the tasks' operators
+    op: object            # their stack (one batch)
+    y: jax.Array          # [k n, M] measurements
+    sigma: jax.Array      # [k n, 1, 1, 1] per-image sigma_y
+    key: jax.Array        # the run's key (fold_in(key, 1) for the latent methods)
+
+    def per_img(self, vals):
+        """Per-task values as a per-image ``[k n, 1, 1, 1]`` column."""
+        return jnp.repeat(jnp.asarray(vals, jnp.float32), self.x.shape[0])[:, None, None, None]
+
+    def slices(self):
+        n = self.x.shape[0]
+        return [slice(j * n, (j + 1) * n) for j in range(len(self.ops))]
+
+
+def run_demo(model, cfg: DemoConfig = DemoConfig(), progress: Optional[Callable[[int, str], None]] = None, *,
+             latent_model=None) -> dict:
     """Run the demo (see module doc). Returns ``{"metrics": json-able dict, "images": {task: {...}}}``.
 
-    ``progress(nfe_done, label)`` is called after each compiled stage with the network evaluations done so far
-    (per image; the total is ``metrics["nfe"]["total"]``).
+    ``model``: the pixel prior (unused, may be ``None``, with ``cfg.space == "latent"``); ``latent_model``: the latent
+    diffusion model of ``cfg.space`` ``"latent"`` / ``"both"`` (the bundled one: :func:`~mapreps_jax.app.pretrained.
+    load_default_latent`). ``progress(nfe_done, label)`` is called after each compiled stage with the UNet
+    evaluations done so far (per image; the total is ``nfe_budget(cfg)["total"]``).
     """
     from .datasets import load_digits, to_model_range
     from .perception import digit_fd
 
-    cfg = cfg.validate(model.T)
+    pixel, latent = cfg.space in ("pixel", "both"), cfg.space in ("latent", "both")
+    if pixel and model is None:
+        raise ValueError(f"run_demo: space={cfg.space!r} needs the pixel prior (model)")
+    if latent and latent_model is None:
+        raise ValueError(f"run_demo: space={cfg.space!r} needs a latent diffusion model (latent_model=...)")
+    if latent and latent_model.space.is_pixel:
+        raise ValueError(f"run_demo: latent_model {latent_model.name!r} runs in pixel space; expected a latent "
+                         f"diffusion model")
+    cfg = cfg.validate((model if pixel else latent_model).T)
     t_start = time.perf_counter()
     n, k = cfg.n_images, len(cfg.tasks)
     x_u8, _ = load_digits("test")
@@ -139,18 +214,11 @@ def run_demo(model, cfg: DemoConfig = DemoConfig(), progress: Optional[Callable[
     presets, ops = zip(*(make_task(t, cfg.seed) for t in cfg.tasks))
     op = stack_operators(ops, [n] * k)
     x_all = jnp.tile(x, (k, 1, 1, 1))
-    per_img = lambda vals: jnp.repeat(jnp.asarray(vals, jnp.float32), n)[:, None, None, None]  # noqa: E731
-    sigma = per_img([p.sigma_y for p in presets])
-    zeta = per_img([dps_zeta(p, cfg.stage2_steps) for p in presets])
-    lr = per_img([p.lr for p in presets])
-    w = per_img([p.w for p in presets])
-    t1 = jnp.repeat(jnp.asarray([p.t1 for p in presets], jnp.float32), n)
-    # RED-diff's data term is a per-image MEAN over y: undo the stack's zero padding (M entries instead of m_j).
-    obs_w = per_img([op.out_size / o.out_size for o in ops])[:, 0, 0, 0]
-
     key = jax.random.PRNGKey(cfg.seed)
-    k_meas, k_sweep, k_dps, k_red = jax.random.split(key, 4)
+    k_meas = jax.random.split(key, 4)[0]
+    sigma = jnp.repeat(jnp.asarray([p.sigma_y for p in presets], jnp.float32), n)[:, None, None, None]
     y = op.measure(k_meas, x_all, sigma[:, :, 0, 0])
+    setup = _Setup(x, presets, ops, op, y, sigma, key)
     done = 0
 
     def tick(nfe, label):
@@ -158,6 +226,64 @@ def run_demo(model, cfg: DemoConfig = DemoConfig(), progress: Optional[Callable[
         done += nfe
         if progress is not None:
             progress(done, label)
+
+    def score(imgs, sl):
+        return {"rmse": float(jnp.mean(rmse(imgs[sl], x))), "digit_fd": float(digit_fd(imgs[sl]))}
+
+    tasks = {name: {"description": p.description, "operator": o.name, "sigma_y": p.sigma_y}
+             for name, p, o in zip(cfg.tasks, presets, ops)}
+    images = {name: {"truth": np.asarray(x)} for name in cfg.tasks}
+    x_meas = op.x_init(y)
+    for name, sl in zip(cfg.tasks, setup.slices()):
+        tasks[name]["measurement_pinv"] = score(jnp.clip(x_meas, -1, 1), sl)
+        images[name]["measurement"] = np.asarray(jnp.clip(x_meas[sl], -1, 1))
+    timings = {}
+    if pixel:
+        timings.update(_run_pixel(model, cfg, setup, tick, score, tasks, images))
+    nfe = nfe_budget(cfg, latent_model)
+    if latent:
+        lt, sweep_calls = _run_latent(latent_model, cfg, setup, tick, score, tasks, images)
+        timings.update(lt)
+        nfe["latent"]["calls"]["lmap_rps_sweep"] = sweep_calls  # as dp_sweep reports it
+    metrics = {
+        "config": {**dataclasses.asdict(cfg), "tasks": list(cfg.tasks), "t0": list(cfg.t0)},
+        "digit_fd_clean": float(digit_fd(x)),
+        "tasks": tasks, "nfe": nfe,
+        "seconds": {**{k_: round(v, 2) for k_, v in timings.items()},
+                    "total": round(time.perf_counter() - t_start, 2)},
+        "model": model.name if pixel else None, "latent_model": latent_model.name if latent else None,
+        "backend": jax.default_backend(), "machine": machine_info(),
+        "units": "RMSE on [0, 1] (mean over images); digit-FD to the 500 held-out digits (lower is better)",
+    }
+    return {"metrics": metrics, "images": images}
+
+
+def machine_info() -> dict:
+    """Where the run ran: CPU model, logical cores, JAX backend and device (recorded in ``metrics.json``)."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
+            "device": str(jax.devices()[0].device_kind)}
+
+
+def _run_pixel(model, cfg, setup, tick, score, tasks, images) -> dict:
+    """The pixel-space methods (MAP-RPS sweep, DPS, RED-diff) into ``tasks`` / ``images``; returns timings."""
+    presets, op, y, per_img = setup.presets, setup.op, setup.y, setup.per_img
+    _, k_sweep, k_dps, k_red = jax.random.split(setup.key, 4)
+    zeta = per_img([dps_zeta(p, cfg.stage2_steps) for p in presets])
+    t1 = jnp.repeat(jnp.asarray([p.t1 for p in presets], jnp.float32), cfg.n_images)
+    # RED-diff's data term is a per-image MEAN over y: undo the stack's zero padding (M entries instead of m_j).
+    obs_w = per_img([op.out_size / o.out_size for o in setup.ops])[:, 0, 0, 0]
 
     def sweep_tick(i, n_t0):
         if i == 0:
@@ -171,19 +297,21 @@ def run_demo(model, cfg: DemoConfig = DemoConfig(), progress: Optional[Callable[
     if len(solvers) != 1:  # one compiled Stage 1 for the whole batch: the solver is static
         raise ValueError(f"run_demo: every task must use the same Stage-1 solver, got {sorted(solvers)}")
     # Per-image values; `average` is one integer for the batch (its fraction of N is the same for every preset).
-    map_cfg = dataclasses.replace(map_config(presets[0], cfg.n_iter), t1=t1, w=w, lr=lr,
+    map_cfg = dataclasses.replace(map_config(presets[0], cfg.n_iter), t1=t1, w=per_img([p.w for p in presets]),
+                                  lr=per_img([p.lr for p in presets]),
                                   prox_step=per_img([p.prox_step for p in presets]))
     if len({p.average_frac for p in presets}) != 1:
         raise ValueError("run_demo: every task must average the same fraction of its Stage-1 iterates")
     sweep = dp_sweep(k_sweep, model, op, y, cfg.t0, map_config=map_cfg,
-                     sampler=sampler, sigma_y=sigma, n_steps=cfg.stage2_steps, progress=sweep_tick)
+                     sampler=sampler, sigma_y=setup.sigma, n_steps=cfg.stage2_steps, progress=sweep_tick)
     timings = dict(sweep.seconds)
     outs = jnp.clip(sweep.outputs, -1.0, 1.0)
     t = time.perf_counter()
     # The same arguments as dp_sweep's Stage-2 calls (cond=None included; one key per image, as dp_sweep passes
     # them): the compiled program is reused.
-    x_dps = jnp.clip(rps_jit(image_keys(k_dps, y.shape[0]), model, op, y, jnp.zeros_like(x_all), jnp.int32(model.T), sampler=sampler,
-                             cond=None, n_steps=cfg.stage2_steps), -1.0, 1.0).block_until_ready()
+    x_dps = jnp.clip(rps_jit(image_keys(k_dps, y.shape[0]), model, op, y, jnp.zeros_like(sweep.x_map),
+                             jnp.int32(model.T), sampler=sampler, cond=None, n_steps=cfg.stage2_steps),
+                     -1.0, 1.0).block_until_ready()
     timings["dps"] = time.perf_counter() - t
     tick(cfg.stage2_steps, "DPS")
     t = time.perf_counter()
@@ -191,41 +319,86 @@ def run_demo(model, cfg: DemoConfig = DemoConfig(), progress: Optional[Callable[
         n_steps=cfg.red_diff_steps, obs_weight=obs_w)), -1.0, 1.0).block_until_ready()
     timings["red_diff"] = time.perf_counter() - t
     tick(cfg.red_diff_steps, "RED-diff")
-
-    def score(imgs, sl):
-        return {"rmse": float(jnp.mean(rmse(imgs[sl], x))), "digit_fd": float(digit_fd(imgs[sl]))}
-
-    tasks, images = {}, {}
-    x_meas = op.x_init(y)
-    for j, (name, p, o) in enumerate(zip(cfg.tasks, presets, ops)):
-        sl = slice(j * n, (j + 1) * n)
-        tasks[name] = {
-            "description": p.description, "operator": o.name, "sigma_y": p.sigma_y, "t1": p.t1, "w": p.w,
-            "stage1": {"solver": p.solver, "prox_step": p.prox_step, "lr": p.lr,
-                       "average": int(map_cfg.average)},
+    for name, p, sl in zip(cfg.tasks, presets, setup.slices()):
+        tasks[name].update({
+            "t1": p.t1, "w": p.w,
+            "stage1": {"solver": p.solver, "prox_step": p.prox_step, "lr": p.lr, "average": int(map_cfg.average)},
             "zeta": dps_zeta(p, cfg.stage2_steps),
             "map_rps": [dict(t0=int(t0), **score(out, sl)) for t0, out in zip(cfg.t0, outs)],
-            "dps": score(x_dps, sl), "red_diff": score(x_red, sl),
-            "measurement_pinv": score(jnp.clip(x_meas, -1, 1), sl),
-        }
-        images[name] = {"truth": np.asarray(x), "measurement": np.asarray(jnp.clip(x_meas[sl], -1, 1)),
-                        "map_rps": np.asarray(outs[:, sl]), "dps": np.asarray(x_dps[sl]),
-                        "red_diff": np.asarray(x_red[sl])}
-    nfe = nfe_budget(cfg)
-    metrics = {
-        "config": {**dataclasses.asdict(cfg), "tasks": list(cfg.tasks), "t0": list(cfg.t0)},
-        "digit_fd_clean": float(digit_fd(x)),
-        "tasks": tasks, "nfe": nfe,
-        "seconds": {**{k_: round(v, 2) for k_, v in timings.items()},
-                    "total": round(time.perf_counter() - t_start, 2)},
-        "model": model.name, "backend": jax.default_backend(),
-        "units": "RMSE on [0, 1] (mean over images); digit-FD to the 500 held-out digits (lower is better)",
-    }
-    return {"metrics": metrics, "images": images}
+            "dps": score(x_dps, sl), "red_diff": score(x_red, sl)})
+        images[name].update({"map_rps": np.asarray(outs[:, sl]), "dps": np.asarray(x_dps[sl]),
+                             "red_diff": np.asarray(x_red[sl])})
+    return timings
+
+
+def _run_latent(lmodel, cfg, setup, tick, score, tasks, images):
+    """The latent-space methods (LMAP-RPS sweep, Latent-DPS, PSLD) on ``lmodel`` into ``tasks`` / ``images``; returns
+    the timings (keys prefixed ``latent_``) and the sweep's network calls as :func:`~mapreps_jax.dp_sweep` reports
+    them."""
+    op, y, per_img = setup.op, setup.y, setup.per_img
+    lp = [LATENT_TASKS[name] for name in cfg.tasks]
+    K, N = cfg.latent_stage2_steps, cfg.latent_n_iter
+    k_sweep, k_dps, k_psld = jax.random.split(jax.random.fold_in(setup.key, 1), 3)
+    zeta = per_img([latent_zeta(p, K) for p in lp])
+    map_cfg = MAPConfig(n_iter=N, t1=jnp.repeat(jnp.asarray([p.t1 for p in lp], jnp.float32), cfg.n_images),
+                        w=per_img([p.w for p in lp]), lr=per_img([p.lr for p in lp]),
+                        lr_min=per_img([p.lr_min for p in lp]))
+    sampler = DPSStep.official_latent(zeta=zeta, clip=True)
+
+    def sweep_tick(i, n_t0):
+        if i == 0:
+            tick(N, "LMAP Stage 1")
+        else:
+            t0 = cfg.t0[i - 1]
+            tick(min(K, t0), f"LMAP Stage 2, t0={t0}")
+
+    sweep = dp_sweep(k_sweep, lmodel, op, y, cfg.t0, map_config=map_cfg, sampler=sampler, sigma_y=setup.sigma,
+                     n_steps=K, progress=sweep_tick)
+    timings = {"latent_stage1": sweep.seconds["stage1"], "latent_stage2": sweep.seconds["stage2"]}
+    outs = jnp.clip(sweep.outputs, -1.0, 1.0)
+    z0 = jnp.zeros((y.shape[0],) + lmodel.space.state_shape(op.in_shape), jnp.float32)
+
+    def from_noise(step, label, key_):
+        t = time.perf_counter()
+        z = rps_jit(image_keys(key_, y.shape[0]), lmodel, op, y, z0, jnp.int32(lmodel.T), sampler=step, cond=None,
+                    n_steps=K)
+        out = jnp.clip(lmodel.decode(z), -1.0, 1.0).block_until_ready()
+        timings[f"latent_{label}"] = time.perf_counter() - t
+        tick(K, label)
+        return out
+
+    # Latent-DPS: the sweep's compiled Stage 2 (the same arguments, other values: reused) from pure noise at t0 = T,
+    # with the baselines' step size
+    x_ldps = from_noise(DPSStep.official_latent(zeta=per_img([latent_zeta(p, K, "latent_dps") for p in lp]),
+                                                clip=True), "latent_dps", k_dps)
+    psld = PSLDStep.official_lmap(zeta=per_img([latent_zeta(p, K, "psld") for p in lp]),
+                                  gamma=per_img([p.psld_gamma for p in lp]),
+                                  sigma_y=setup.sigma[:, :, 0, 0], clip=True)
+    x_psld = from_noise(psld, "psld", k_psld)
+    # Stage-1 measurement consistency ||A(D(z_map)) - y|| / (sigma_y sqrt(m)) per image (about 1 at the MAP)
+    r = y - op.A(sweep.x_map)
+    consistency = jnp.sqrt(jnp.sum(r * r, axis=tuple(range(1, r.ndim))))
+    for name, p, pre, o, sl in zip(cfg.tasks, lp, setup.presets, setup.ops, setup.slices()):
+        tasks[name].update({
+            "latent": {"t1": p.t1, "w": p.w, "lr": p.lr, "lr_min": p.lr_min, "n_iter": N, "zeta": latent_zeta(p, K),
+                       "latent_dps_zeta": latent_zeta(p, K, "latent_dps"), "psld_zeta": latent_zeta(p, K, "psld"),
+                       "psld_gamma": p.psld_gamma,
+                       "stage2_steps": K},
+            "lmap_rps": [dict(t0=int(t0), **score(out, sl)) for t0, out in zip(cfg.t0, outs)],
+            "latent_dps": score(x_ldps, sl), "psld": score(x_psld, sl),
+            "lmap_stage1_consistency": float(jnp.mean(consistency[sl])) / (pre.sigma_y * float(np.sqrt(o.out_size)))})
+        images[name].update({"lmap_rps": np.asarray(outs[:, sl]), "latent_dps": np.asarray(x_ldps[sl]),
+                             "psld": np.asarray(x_psld[sl])})
+    return timings, dict(sweep.nfe["calls"])
 
 
 _METHOD_STYLE = {"MAP-RPS": dict(marker="o", color="C0"), "DPS": dict(marker="s", color="C3"),
-                 "RED-diff": dict(marker="^", color="C2")}
+                 "RED-diff": dict(marker="^", color="C2"), "LMAP-RPS": dict(marker="D", color="C1", ls="--"),
+                 "Latent-DPS": dict(marker="v", color="C4"), "PSLD": dict(marker="P", color="C5")}
+
+#: The curves (a t0 sweep) and single points of each space: (metrics key, label).
+_CURVES = (("map_rps", "MAP-RPS"), ("lmap_rps", "LMAP-RPS"))
+_POINTS = (("dps", "DPS"), ("red_diff", "RED-diff"), ("latent_dps", "Latent-DPS"), ("psld", "PSLD"))
 
 
 def _nice_log_ticks(lo: float, hi: float, max_ticks: int = 6) -> list:
@@ -285,14 +458,19 @@ def dp_curve_figure(metrics: dict):
     fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 4.0 * nrow), dpi=110, squeeze=False)
     for ax, name in zip(axes.ravel(), names):
         r = m["tasks"][name]
-        pts = r["map_rps"]
-        ax.plot([p["digit_fd"] for p in pts], [p["rmse"] for p in pts], label="MAP-RPS (t0 sweep)",
-                **_METHOD_STYLE["MAP-RPS"])
-        for p in pts:
-            ax.annotate(f"t0={p['t0']}", (p["digit_fd"], p["rmse"]), textcoords="offset points", xytext=(5, 4),
-                        fontsize=7)
-        for key_, label in (("dps", "DPS"), ("red_diff", "RED-diff")):
-            ax.plot([r[key_]["digit_fd"]], [r[key_]["rmse"]], linestyle="none", label=label, **_METHOD_STYLE[label])
+        for key_, label in _CURVES:
+            if key_ not in r:
+                continue
+            pts = r[key_]
+            ax.plot([p["digit_fd"] for p in pts], [p["rmse"] for p in pts], label=f"{label} (t0 sweep)",
+                    **_METHOD_STYLE[label])
+            for p in pts:
+                ax.annotate(f"t0={p['t0']}", (p["digit_fd"], p["rmse"]), textcoords="offset points", xytext=(5, 4),
+                            fontsize=7, color=_METHOD_STYLE[label]["color"])
+        for key_, label in _POINTS:
+            if key_ in r:
+                style = {k_: v for k_, v in _METHOD_STYLE[label].items() if k_ != "ls"}
+                ax.plot([r[key_]["digit_fd"]], [r[key_]["rmse"]], linestyle="none", label=label, **style)
         ax.axvline(m["digit_fd_clean"], color="gray", lw=0.8, ls=":", label="clean digits (same n)")
         ax.set_xscale("log")
         _readable_log_xaxis(ax)
@@ -323,23 +501,34 @@ def demo_figures(result: dict, n_show: int = 4) -> dict:
     files = {"dp_curve.png": figure_png(dp_curve_figure(m))}
 
     t0s = m["config"]["t0"]
-    cols = ["truth", "measurement"] + [("MAP" if t == 0 else f"t0={t}") for t in t0s] + ["DPS", "RED-diff"]
+    # one row per digit and space: pixel (MAP-RPS t0 sweep, DPS, RED-diff), latent (LMAP-RPS t0 sweep, Latent-DPS,
+    # PSLD); the columns are shared: truth, measurement, t0 = 0 (MAP / LMAP) ... largest t0, the two baselines
+    cols = ["truth", "measurement"] + [("MAP" if t == 0 else f"t0={t}") for t in t0s] + ["DPS / L-DPS",
+                                                                                        "RED-diff / PSLD"]
+    spaces = [s_ for s_, key_ in (("pixel", "map_rps"), ("latent", "lmap_rps")) if key_ in m["tasks"][names[0]]]
+    if len(spaces) == 1:
+        cols[-2:] = ["DPS", "RED-diff"] if spaces == ["pixel"] else ["Latent-DPS", "PSLD"]
     show = min(n_show, m["config"]["n_images"])
-    rows = len(names) * show
+    rows = len(names) * show * len(spaces)
     fig, axes = plt.subplots(rows, len(cols), figsize=(0.9 * len(cols), 0.9 * rows + 0.4), dpi=110,
                              squeeze=False)
-    for ti, name in enumerate(names):
+    keys_of = {"pixel": ("map_rps", "dps", "red_diff"), "latent": ("lmap_rps", "latent_dps", "psld")}
+    r_ = 0
+    for name in names:
         im = result["images"][name]
         for i in range(show):
-            row = axes[ti * show + i]
-            panels = [im["truth"][i], im["measurement"][i]] + [o[i] for o in im["map_rps"]] + [im["dps"][i],
-                                                                                               im["red_diff"][i]]
-            for ax, pic in zip(row, panels):
-                ax.imshow(np.asarray(pic)[..., 0], cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
-                ax.set_xticks([])
-                ax.set_yticks([])
-            if i == 0:
-                row[0].set_ylabel(name, fontsize=8)
+            for sp in spaces:
+                row = axes[r_]
+                r_ += 1
+                sweep, b1, b2 = keys_of[sp]
+                panels = [im["truth"][i], im["measurement"][i]] + [o[i] for o in im[sweep]] + [im[b1][i],
+                                                                                               im[b2][i]]
+                for ax, pic in zip(row, panels):
+                    ax.imshow(np.asarray(pic)[..., 0], cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                if i == 0 or len(spaces) > 1:
+                    row[0].set_ylabel(f"{name}\n{sp}" if len(spaces) > 1 else name, fontsize=7)
     for ax, c in zip(axes[0], cols):
         ax.set_title(c, fontsize=7)
     fig.tight_layout(pad=0.2)

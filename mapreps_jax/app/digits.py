@@ -61,7 +61,7 @@ from ..map_stage import MAPConfig
 from ..operators import make_operator
 from ..samplers import DPSStep
 
-__all__ = ["DEMO_TASKS", "RESTORE_TASKS", "TaskPreset", "make_task", "restore", "restore_image", "restore_files",
+__all__ = ["DEMO_TASKS", "RESTORE_TASKS", "TaskPreset", "LATENT_TASKS", "LatentTaskPreset", "latent_zeta", "make_task", "restore", "restore_image", "restore_files",
            "check_restore_args", "is_restore_file", "read_gray_png", "png_bytes", "IMAGE_SHAPE", "dps_zeta",
            "map_config"]
 
@@ -99,6 +99,32 @@ DEMO_TASKS: Dict[str, TaskPreset] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class LatentTaskPreset:
+    """LMAP-RPS and latent-baseline hyper-parameters of one demo task on the bundled latent digits model
+    (``checkpoints/default/latent``; the operator and ``sigma_y`` are the pixel task's, :data:`DEMO_TASKS`).
+
+    Stage 1 is the paper's latent objective ``||y - A(D(z))||^2 + w <sg(eps(z_t1, t1)), z>`` by AdamW (weight decay
+    0.01, cosine decay from ``lr`` to ``lr_min``) from ``z = E(A_pinv y)`` (the autoencoder's posterior mean). Stage 2
+    uses the paper code's latent step (:meth:`~mapreps_jax.DPSStep.official_latent`:
+    ``g = a_t grad ||y - A(clip(D(z0)))||^2``, raw-``eps`` DDPM move) with step ``zeta``; Latent-DPS the same step
+    with ``baseline_zeta`` (a run from pure noise needs a larger step than one from the MAP estimate), PSLD adds the
+    gluing term with weight ``psld_gamma`` (:meth:`~mapreps_jax.PSLDStep.official_lmap`) at ``psld_zeta`` (its
+    squared gluing term diverges at Latent-DPS's step for inpainting: RMSE 0.58 at 10 on 128 digits). Step
+    sizes are for ``K = 100`` steps and are multiplied by ``max(1, 100 / K)`` on a ``K``-step sub-grid (as
+    :func:`dps_zeta`).
+    """
+
+    t1: float
+    w: float
+    lr: float
+    zeta: float
+    baseline_zeta: float
+    psld_zeta: float
+    lr_min: float = 1e-3
+    psld_gamma: float = 0.1
+
+
 def dps_zeta(preset: TaskPreset, n_steps: Optional[int]) -> float:
     """DPS step size on a ``K``-step sub-grid: ``preset.zeta * max(1, 100 / K)`` (``preset.zeta`` from ``K = 100``
     up to the full grid, ``n_steps=None``). ``n_steps`` must be a positive integer or ``None``."""
@@ -106,6 +132,25 @@ def dps_zeta(preset: TaskPreset, n_steps: Optional[int]) -> float:
                                 or n_steps < 1):
         raise ValueError(f"dps_zeta: n_steps (Stage-2 steps K) must be a positive integer or None, got {n_steps!r}")
     return float(preset.zeta) * (1.0 if n_steps is None else max(1.0, 100.0 / int(n_steps)))
+
+
+#: Latent-space hyper-parameters of the demo tasks (bundled latent digits model); chosen on the first held-out digits
+#: (``mapreps_jax/app/demo.py`` gives the search).
+LATENT_TASKS: Dict[str, LatentTaskPreset] = {
+    "sr4": LatentTaskPreset(t1=150.0, w=0.1, lr=0.2, zeta=0.2, baseline_zeta=0.3, psld_zeta=0.3),
+    "inpaint": LatentTaskPreset(t1=150.0, w=1.2, lr=0.1, zeta=0.003, baseline_zeta=1.0, psld_zeta=0.1),
+    "deblur": LatentTaskPreset(t1=50.0, w=0.6, lr=0.5, zeta=0.03, baseline_zeta=0.1, psld_zeta=0.1),
+    "denoise": LatentTaskPreset(t1=50.0, w=8.0, lr=0.2, zeta=0.001, baseline_zeta=0.1, psld_zeta=0.1),
+}
+
+
+def latent_zeta(preset: LatentTaskPreset, n_steps: Optional[int], method: str = "lmap_rps") -> float:
+    """The latent step size on a ``K``-step sub-grid: ``zeta * max(1, 100 / K)`` (as :func:`dps_zeta`), ``zeta`` the
+    preset's step of ``method``: ``"lmap_rps"`` (Stage 2), ``"latent_dps"`` or ``"psld"``."""
+    zetas = {"lmap_rps": preset.zeta, "latent_dps": preset.baseline_zeta, "psld": preset.psld_zeta}
+    if method not in zetas:
+        raise ValueError(f"latent_zeta: method must be one of {sorted(zetas)}, got {method!r}")
+    return dps_zeta(dataclasses.replace(preset, zeta=zetas[method]), n_steps)
 
 
 def make_task(name: str, seed: int = 0):

@@ -11,7 +11,7 @@ from typing import Optional
 from ..checkpoint_io import (bundle_dir, check_param_tree, read_json, restore_pytree, save_pytree,
                              schedule_from_metadata, schedule_metadata, write_manifest, write_text_atomic)
 
-__all__ = ["load_classifier", "load_default_prior_config", "load_default_prior", "save_prior", "jax_tree_to_jnp"]
+__all__ = ["load_classifier", "load_default_prior_config", "load_default_prior", "load_default_latent", "save_prior", "jax_tree_to_jnp"]
 
 
 def load_classifier(path: Optional[str] = None):
@@ -70,6 +70,16 @@ def load_default_prior(path: Optional[str] = None, name: str = "digits-adm"):
     check_param_tree(tree["params"], param_shapes(config), f"diffusion checkpoint {diff_dir}")
     params = jax_tree_to_jnp(tree["params"])
     return adm_score_model(config, params, schedule, name=name)
+
+
+def load_default_latent(path: Optional[str] = None):
+    """The bundled latent digits model (``checkpoints/default/latent``: KL autoencoder 32x32x1 <-> 8x8x4 and a latent
+    epsilon-UNet, ``checkpoints/default/latent.json``) as a latent :class:`~mapreps_jax.model.ScoreModel`; ``path``
+    is the bundle folder holding ``latent/`` (default :func:`~mapreps_jax.checkpoint_io.default_checkpoint_dir`).
+    Errors as :func:`~mapreps_jax.networks.registry.load_model` (a damaged or missing checkpoint is named)."""
+    from ..networks.registry import load_model
+
+    return load_model(os.path.join(bundle_dir(path), "latent"))
 
 
 def save_prior(root: str, params, config, schedule: Optional[dict] = None, extra_config: Optional[dict] = None,

@@ -419,7 +419,8 @@ def _config_from_arg(s: str) -> Tuple[ADMConfig, str]:
 def convert_command(argv) -> int:
     """``mapreps convert adm --config ffhq256|imagenet256|FILE.json --src FILE --dst DIR`` (argv after ``convert``);
     ``convert sd --src DIR --dst OUT`` and ``convert ldm-ffhq --src model.ckpt [--ema] --dst OUT`` go to
-    :func:`mapreps_jax.networks.latent.convert_latent_command`.
+    :func:`mapreps_jax.networks.latent.convert_latent_command`, ``convert lpips|inception ...`` to
+    :func:`mapreps_jax.perceptual.convert_perceptual_command`.
 
     Returns the process exit status (0 on success, 2 on a usage/input error).
     """
@@ -430,10 +431,15 @@ def convert_command(argv) -> int:
         from .latent import convert_latent_command
 
         return convert_latent_command(argv[0], argv[1:])
+    if argv and argv[0] in ("lpips", "inception"):
+        from ..perceptual import convert_perceptual_command
+
+        return convert_perceptual_command(argv[0], argv[1:])
     if argv and argv[0] == "adm":
         argv = argv[1:]
     elif argv and not argv[0].startswith("-"):
-        print(f"mapreps convert: unknown network kind {argv[0]!r} (supported: adm, sd, ldm-ffhq)", file=sys.stderr)
+        print(f"mapreps convert: unknown network kind {argv[0]!r} (supported: adm, sd, ldm-ffhq, lpips, inception)",
+              file=sys.stderr)
         return 2
     from ..checkpoint_io import schedule_metadata
 
