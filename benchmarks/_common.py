@@ -28,23 +28,13 @@ import numpy as np  # noqa: E402
 
 from torch_reference import diffusers_autoencoder, rel_err as _rel_err  # noqa: E402  (torch-free at import)
 
+from mapreps_jax.app.demo import cpu_model  # noqa: E402  (one reader of /proc/cpuinfo for the demo and benchmarks)
+
 RESULTS = os.path.join(HERE, "results")
-REEXPORTED = (diffusers_autoencoder,)  # the benchmarks build the diffusers autoencoders with the tests' builder
+REEXPORTED = (diffusers_autoencoder, cpu_model)  # builders and helpers the benchmarks take from here
 
 
 # --- the machine ----------------------------------------------------------------------------------------------------
-
-
-def cpu_model():
-    """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` or ``None`` where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 def machine_info():

@@ -167,6 +167,11 @@ def nfe_budget(cfg: DemoConfig, latent_model=None) -> dict:
     return out
 
 
+def _per_image_column(vals, n: int):
+    """One value per task, repeated for the task's ``n`` images: ``[k n, 1, 1, 1]`` (the batch is task-major)."""
+    return jnp.repeat(jnp.asarray(vals, jnp.float32), n)[:, None, None, None]
+
+
 class _Setup(NamedTuple):
     """What both spaces share: the same digits, tasks, stacked operator and measurements."""
 
@@ -180,7 +185,7 @@ class _Setup(NamedTuple):
 
     def per_img(self, vals):
         """Per-task values as a per-image ``[k n, 1, 1, 1]`` column."""
-        return jnp.repeat(jnp.asarray(vals, jnp.float32), self.x.shape[0])[:, None, None, None]
+        return _per_image_column(vals, self.x.shape[0])
 
     def slices(self):
         n = self.x.shape[0]
@@ -217,7 +222,7 @@ def run_demo(model, cfg: DemoConfig = DemoConfig(), progress: Optional[Callable[
     x_all = jnp.tile(x, (k, 1, 1, 1))
     key = jax.random.PRNGKey(cfg.seed)
     k_meas = jax.random.split(key, 4)[0]
-    sigma = jnp.repeat(jnp.asarray([p.sigma_y for p in presets], jnp.float32), n)[:, None, None, None]
+    sigma = _per_image_column([p.sigma_y for p in presets], n)
     y = op.measure(k_meas, x_all, sigma[:, :, 0, 0])
     setup = _Setup(x, presets, ops, op, y, sigma, key)
     done = 0
@@ -259,21 +264,27 @@ def run_demo(model, cfg: DemoConfig = DemoConfig(), progress: Optional[Callable[
     return {"metrics": metrics, "images": images}
 
 
+def cpu_model():
+    """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` or ``None`` where there is none); also
+    used by the benchmarks (``benchmarks/_common.py``)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def machine_info() -> dict:
     """Where the run ran: CPU model, logical cores, JAX backend and device (recorded in ``metrics.json``)."""
     import os
     import platform
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
+    return {"cpu": cpu_model() or platform.machine(), "cores": os.cpu_count(), "backend": jax.default_backend(),
             "device": str(jax.devices()[0].device_kind)}
 
 
@@ -282,7 +293,7 @@ def _run_pixel(model, cfg, setup, tick, score, tasks, images) -> dict:
     presets, op, y, per_img = setup.presets, setup.op, setup.y, setup.per_img
     _, k_sweep, k_dps, k_red = jax.random.split(setup.key, 4)
     zeta = per_img([dps_zeta(p, cfg.stage2_steps) for p in presets])
-    t1 = jnp.repeat(jnp.asarray([p.t1 for p in presets], jnp.float32), cfg.n_images)
+    t1 = per_img([p.t1 for p in presets])[:, 0, 0, 0]
     # RED-diff's data term is a per-image MEAN over y: undo the stack's zero padding (M entries instead of m_j).
     obs_w = per_img([op.out_size / o.out_size for o in setup.ops])[:, 0, 0, 0]
 
@@ -341,7 +352,7 @@ def _run_latent(lmodel, cfg, setup, tick, score, tasks, images):
     K, N = cfg.latent_stage2_steps, cfg.latent_n_iter
     k_sweep, k_dps, k_psld = jax.random.split(jax.random.fold_in(setup.key, 1), 3)
     zeta = per_img([latent_zeta(p, K) for p in lp])
-    map_cfg = MAPConfig(n_iter=N, t1=jnp.repeat(jnp.asarray([p.t1 for p in lp], jnp.float32), cfg.n_images),
+    map_cfg = MAPConfig(n_iter=N, t1=per_img([p.t1 for p in lp])[:, 0, 0, 0],
                         w=per_img([p.w for p in lp]), lr=per_img([p.lr for p in lp]),
                         lr_min=per_img([p.lr_min for p in lp]))
     sampler = DPSStep.official_latent(zeta=zeta, clip=True)
