@@ -15,6 +15,7 @@ Where things live:
   baselines.py   DPS (-A, -S, VS), CCDF, RED-diff
   metrics.py     RMSE, PSNR, SSIM, Frechet distance, sliced W2, MMD
   testbed.py     run any algorithm on an exact prior and measure its D-P point
+  xla_cpu.py     XLA:CPU flags applied at import (YNNPACK for matrix products only: 2x faster UNets on CPU)
   config.py      the one config convention (frozen dataclasses that are pytrees; ``static`` fields)
   checkpoint_io.py  checkpoint root, checksums, atomic orbax I/O, schedule records, output sets
   presets.py     the paper's settings for the pixel FFHQ ADM (``mapreps restore --preset``)
@@ -25,6 +26,11 @@ Where things live:
                  pretrained.py (bundled digits prior and classifier), digits.py (tasks, ``mapreps restore``),
                  demo.py (``mapreps demo``)
 """
+
+# First, before any JAX computation can create the CPU client: XLA:CPU's fast path for this library's UNets
+# (YNNPACK for matrix products only; see xla_cpu.py). Opt out with MAPREPS_JAX_XLA_DEFAULTS=0.
+from .xla_cpu import apply_cpu_defaults as _apply_cpu_defaults, cpu_defaults_status
+_apply_cpu_defaults()
 
 from .diffusion import (Schedule, make_schedule, t_for_noise_std, alpha_bar, log_alpha_bar, tweedie, eps_from_x0, renoise, ddim_sigma,
                         ddim_sigma_log, ddim_step, posterior_variance, learned_range_std, linear_betas,

@@ -10,6 +10,10 @@ import gc  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# Before any test computes: the package's XLA:CPU settings (mapreps_jax/xla_cpu.py) take effect only if it is
+# imported before JAX creates its CPU client.
+import mapreps_jax  # noqa: E402,F401
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs():

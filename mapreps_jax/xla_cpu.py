@@ -1,0 +1,87 @@
+"""XLA:CPU runtime settings the library applies when it is imported (CPU only; GPU and TPU are unaffected).
+
+**What and why.** jaxlib 0.10 hands every convolution, elementwise fusion and reduction on CPU to YNNPACK
+("ynn_fusion" thunks) by default. For the UNets of this library that path is about twice as slow as XLA's own
+(Eigen) convolutions and fused loops: the bundled digits ADM at batch 64 ran its forward pass at 34 % and its
+forward + VJP at 28 % of a same-run float32 matmul's GFLOP/s, and the process used 1.3 of the 2 cores. With YNNPACK
+restricted to matrix products (``--xla_cpu_experimental_ynn_fusion_type=dot``) the same programs run at 64 % and
+50 %, on both cores (``benchmarks/bench_roofline.py``, numbers in the README's performance section). Outputs agree
+to float32 rounding (``tests/test_xla_cpu.py``).
+
+**How.** XLA reads ``XLA_FLAGS`` once, when JAX creates its CPU client (the first computation, not ``import
+jax``). :func:`apply_cpu_defaults`, run by ``import mapreps_jax``, appends the flag to ``XLA_FLAGS`` when
+
+* ``MAPREPS_JAX_XLA_DEFAULTS`` is not ``0`` (the opt-out),
+* ``XLA_FLAGS`` does not already choose ``xla_cpu_experimental_ynn_fusion_type`` (the user's choice wins),
+* the installed jaxlib is one where the flag was measured (:data:`VERIFIED_JAXLIB`): an unknown flag makes XLA
+  abort the process, so on any other version nothing is changed.
+
+If JAX's backends were already initialised when the package was imported, the flag cannot take effect any more;
+:func:`cpu_defaults_status` says so (``"effective": False``). To be sure, import ``mapreps_jax`` before running
+any JAX computation, or set ``XLA_FLAGS`` yourself.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import metadata
+
+__all__ = ["FLAG", "VERIFIED_JAXLIB", "OPT_OUT_ENV", "apply_cpu_defaults", "cpu_defaults_status"]
+
+#: the flag appended to ``XLA_FLAGS``: YNNPACK for matrix products only (XLA's own convolutions and fused loops)
+FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot"
+#: ``(major, minor)`` jaxlib versions on which :data:`FLAG` exists and was measured to help
+VERIFIED_JAXLIB = ((0, 10),)
+#: environment variable: ``0`` leaves ``XLA_FLAGS`` untouched
+OPT_OUT_ENV = "MAPREPS_JAX_XLA_DEFAULTS"
+
+_STATE = {"applied": False, "reason": "not run"}
+
+
+def _jaxlib_version():
+    try:
+        parts = metadata.version("jaxlib").split(".")
+        return int(parts[0]), int(parts[1])
+    except (metadata.PackageNotFoundError, ValueError, IndexError):
+        return None
+
+
+def _backends_initialised() -> bool:
+    try:
+        from jax._src import xla_bridge
+        return bool(getattr(xla_bridge, "_backends", {}))
+    except Exception:  # a JAX without this private module: assume the safe answer
+        return False
+
+
+def apply_cpu_defaults(environ=None) -> dict:
+    """Append :data:`FLAG` to ``environ["XLA_FLAGS"]`` under the conditions in the module docstring.
+
+    Returns :func:`cpu_defaults_status`'s record. Idempotent. ``environ`` defaults to ``os.environ``."""
+    env = os.environ if environ is None else environ
+    flags = env.get("XLA_FLAGS", "")
+    version = _jaxlib_version()
+    if env.get(OPT_OUT_ENV, "1") == "0":
+        state = {"applied": False, "reason": f"{OPT_OUT_ENV}=0"}
+    elif "xla_cpu_experimental_ynn_fusion_type" in flags:
+        state = {"applied": FLAG in flags.split(), "reason": "XLA_FLAGS already sets xla_cpu_experimental_ynn_fusion_type"}
+    elif version is None or version not in VERIFIED_JAXLIB:
+        state = {"applied": False,
+                 "reason": f"jaxlib {version} is not one of the verified versions {list(VERIFIED_JAXLIB)}"}
+    else:
+        env["XLA_FLAGS"] = (flags + " " + FLAG).strip()
+        state = {"applied": True, "reason": "appended to XLA_FLAGS"}
+    if environ is None:
+        _STATE.clear()
+        _STATE.update(state, backends_initialised_before=_backends_initialised())
+    return cpu_defaults_status() if environ is None else dict(state)
+
+
+def cpu_defaults_status() -> dict:
+    """``{"flag", "applied", "reason", "effective", "xla_flags"}``: whether :data:`FLAG` was added at import,
+    why (or why not), and whether it can be in effect (``False`` when JAX's backends existed before the
+    package set it)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    effective = FLAG in flags.split() and not _STATE.get("backends_initialised_before", False)
+    return {"flag": FLAG, "applied": _STATE.get("applied", False), "reason": _STATE.get("reason"),
+            "effective": effective, "xla_flags": flags}

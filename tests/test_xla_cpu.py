@@ -1,0 +1,89 @@
+"""The XLA:CPU settings applied at import (mapreps_jax/xla_cpu.py): the rules for when the flag is added, that it
+changes the compiled program (convolutions leave YNNPACK) and that the network's numbers do not change beyond
+float32 rounding. The compiled-program checks run in fresh interpreters: XLA reads its flags once per process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mapreps_jax import xla_cpu
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VERIFIED = xla_cpu._jaxlib_version() in xla_cpu.VERIFIED_JAXLIB
+
+
+def test_flag_added_once_when_unset():
+    env = {"XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}
+    if not VERIFIED:
+        pytest.skip(f"jaxlib {xla_cpu._jaxlib_version()} is not a verified version: nothing is added there")
+    rec = xla_cpu.apply_cpu_defaults(env)
+    assert rec["applied"] and env["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false " + xla_cpu.FLAG
+    xla_cpu.apply_cpu_defaults(env)  # idempotent: the second call sees the flag and leaves it
+    assert env["XLA_FLAGS"].count("ynn_fusion_type") == 1
+
+
+def test_user_choice_and_opt_out_respected(monkeypatch):
+    env = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise"}
+    rec = xla_cpu.apply_cpu_defaults(env)
+    assert env["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise" and not rec["applied"]
+    env = {xla_cpu.OPT_OUT_ENV: "0"}
+    rec = xla_cpu.apply_cpu_defaults(env)
+    assert "XLA_FLAGS" not in env and not rec["applied"] and xla_cpu.OPT_OUT_ENV in rec["reason"]
+
+
+def test_unverified_jaxlib_left_alone(monkeypatch):
+    # an unknown flag makes XLA abort the process: on an unmeasured jaxlib nothing may be added
+    monkeypatch.setattr(xla_cpu, "_jaxlib_version", lambda: (0, 99))
+    env = {}
+    rec = xla_cpu.apply_cpu_defaults(env)
+    assert "XLA_FLAGS" not in env and not rec["applied"] and "(0, 99)" in rec["reason"]
+
+
+_PROBE = r"""
+import json, sys
+import numpy as np
+import mapreps_jax as mr
+import jax, jax.numpy as jnp
+x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 32, 32, 32)).astype(np.float32))
+w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 32, 32)).astype(np.float32))
+conv = jax.jit(lambda x: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+hlo = conv.lower(x).compile().as_text()
+m = mr.load_default_prior()
+xs = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (4, 32, 32, 1)).astype(np.float32))
+t = jnp.asarray([10, 200, 500, 900])
+out, vjp = jax.vjp(lambda z: m.eps(z, t), xs)
+g = vjp(out)[0]
+np.savez(sys.argv[1], eps=np.asarray(out), grad=np.asarray(g))
+print(json.dumps({"ynn_conv": "ynn" in hlo, "status": mr.cpu_defaults_status()}))
+"""
+
+
+def _probe(tmp_path, name, opt_out):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env[xla_cpu.OPT_OUT_ENV] = "0" if opt_out else "1"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    out = tmp_path / f"{name}.npz"
+    res = subprocess.run([sys.executable, "-c", _PROBE, str(out)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import numpy as np
+    return json.loads(res.stdout.strip().splitlines()[-1]), np.load(out)
+
+
+@pytest.mark.skipif(not VERIFIED, reason="the flag is added only on verified jaxlib versions")
+def test_flag_takes_effect_and_keeps_the_numbers(tmp_path):
+    fast, a = _probe(tmp_path, "fast", opt_out=False)
+    plain, b = _probe(tmp_path, "plain", opt_out=True)
+    assert fast["status"]["applied"] and fast["status"]["effective"]
+    assert not plain["status"]["applied"]
+    # the flag is what moves convolutions out of YNNPACK in this jaxlib (the opt-out run keeps them there)
+    assert plain["ynn_conv"] and not fast["ynn_conv"]
+    # same network output and input gradient up to float32 rounding of a different summation order
+    for k in ("eps", "grad"):
+        scale = float(abs(b[k]).max())
+        err = float(abs(a[k] - b[k]).max())
+        assert err <= 2e-5 * scale, (k, err, scale)
