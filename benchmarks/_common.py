@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 from torch_reference import diffusers_autoencoder, rel_err as _rel_err  # noqa: E402  (torch-free at import)
 
 from mapreps_jax.app.demo import cpu_model  # noqa: E402  (one reader of /proc/cpuinfo for the demo and benchmarks)
+from mapreps_jax.xla_cpu import cpu_defaults_status  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 REEXPORTED = (diffusers_autoencoder, cpu_model)  # builders and helpers the benchmarks take from here
@@ -39,10 +40,11 @@ REEXPORTED = (diffusers_autoencoder, cpu_model)  # builders and helpers the benc
 
 def machine_info():
     """The JSON fields that describe where a benchmark ran: JAX's ``backend``, ``device`` and ``jax_version``, the
-    ``machine`` architecture, ``cpu_model``, ``cpu_count`` and the load average now (``loadavg_start``)."""
+    ``machine`` architecture, ``cpu_model``, ``cpu_count``, the load average now (``loadavg_start``) and the XLA:CPU
+    settings in effect (``xla_cpu_defaults``: see ``mapreps_jax/xla_cpu.py``)."""
     return {"backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax_version": jax.__version__,
             "machine": platform.machine(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
-            "loadavg_start": list(os.getloadavg())}
+            "loadavg_start": list(os.getloadavg()), "xla_cpu_defaults": cpu_defaults_status()}
 
 
 def available_gib():

