@@ -3,7 +3,10 @@
 Runs ``mapreps demo`` with the ``--quick`` settings on ``--n-images`` digits per task (default 64), then, for each
 task, splits the outputs into disjoint sets of 16, 32, ... images and counts on how many sets digit-FD at the largest
 ``t0`` is below digit-FD at ``t0 = 0`` (the MAP estimate). Also reports the clean digits' own digit-FD at each set size
-(the small-set bias). Writes a JSON file (atomically) and prints a Markdown table.
+(the small-set bias). The same for digit-KID (:func:`~mapreps_jax.app.perception.digit_kid`, unbiased, with a
+jackknife standard error): on how many sets it falls, and on how many the fall exceeds twice the combined standard
+error (``kid_falls_2se``: the error bars of the two points do not overlap). Writes a JSON file (atomically) and prints
+Markdown tables.
 
     python scripts/digit_fd_power.py --n-images 64 --out docs/digit_fd_power.json
 
@@ -21,7 +24,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mapreps_jax.app.demo import QUICK, run_demo  # noqa: E402
-from mapreps_jax.app.perception import digit_fd  # noqa: E402
+from mapreps_jax.app.perception import digit_fd, digit_kid  # noqa: E402
 from mapreps_jax.app.pretrained import load_default_prior  # noqa: E402
 from mapreps_jax.checkpoint_io import write_text_atomic  # noqa: E402
 
@@ -34,7 +37,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.n_images < 16 or a.n_images % 16:
         p.error(f"--n-images must be a positive multiple of 16, got {a.n_images}")
-    cfg = dataclasses.replace(QUICK, n_images=a.n_images, seed=a.seed)
+    cfg = dataclasses.replace(QUICK, n_images=a.n_images, seed=a.seed, space="pixel")
     result = run_demo(load_default_prior(), cfg)
     t0_top = cfg.t0[-1]
     sizes = [s for s in (16, 32, 64, 128, 256) if s <= a.n_images and a.n_images % s == 0]
@@ -46,13 +49,19 @@ def main(argv=None) -> int:
     truth = next(iter(result["images"].values()))["truth"]
     for s in sizes:
         out["clean"][s] = [float(digit_fd(truth[i:i + s])) for i in range(0, a.n_images, s)]
+        out.setdefault("clean_kid", {})[s] = [digit_kid(truth[i:i + s]) for i in range(0, a.n_images, s)]
     for name, im in result["images"].items():
         first, last = im["map_rps"][0], im["map_rps"][-1]
         rows = {}
         for s in sizes:
             pairs = [(float(digit_fd(first[i:i + s])), float(digit_fd(last[i:i + s])))
                      for i in range(0, a.n_images, s)]
-            rows[s] = {"fd_map_and_largest_t0": pairs, "falls": int(sum(b < f for f, b in pairs)), "sets": len(pairs)}
+            kids = [(digit_kid(first[i:i + s]), digit_kid(last[i:i + s])) for i in range(0, a.n_images, s)]
+            rows[s] = {"fd_map_and_largest_t0": pairs, "falls": int(sum(b < f for f, b in pairs)), "sets": len(pairs),
+                       "kid_map_and_largest_t0": kids,
+                       "kid_falls": int(sum(kb[0] < kf[0] for kf, kb in kids)),
+                       "kid_falls_2se": int(sum(kf[0] - kb[0] > 2 * (kf[1] ** 2 + kb[1] ** 2) ** 0.5
+                                                for kf, kb in kids))}
         out["tasks"][name] = rows
     print("| task | " + " | ".join(f"{a.n_images // s} set{'s' if a.n_images > s else ''} of {s}" for s in sizes) + " |")
     print("|---|" + "---|" * len(sizes))
@@ -67,6 +76,19 @@ def main(argv=None) -> int:
             cells.append(cell)
         print(f"| {name} | " + " | ".join(cells) + " |")
     print("clean digits, digit-FD per set:", {s: [round(v) for v in vals] for s, vals in out["clean"].items()})
+    print("\ndigit-KID: sets on which it falls from t0 = 0 to the largest t0 (by more than 2 combined standard errors)")
+    print("| task | " + " | ".join(f"{a.n_images // s} x {s}" for s in sizes) + " |")
+    print("|---|" + "---|" * len(sizes))
+    for name, rows in out["tasks"].items():
+        cells = []
+        for s in sizes:
+            r = rows[s]
+            cell = f"{r['kid_falls']} ({r['kid_falls_2se']}) of {r['sets']}"
+            if r["sets"] == 1:
+                (f, fe), (b, be) = r["kid_map_and_largest_t0"][0]
+                cell += f" ({f:.0f} +- {fe:.0f} -> {b:.0f} +- {be:.0f})"
+            cells.append(cell)
+        print(f"| {name} | " + " | ".join(cells) + " |")
     if a.out:
         write_text_atomic(a.out, json.dumps(out, indent=1) + "\n")
         print(f"wrote {a.out}")

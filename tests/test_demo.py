@@ -50,6 +50,11 @@ def _check_run(rc, out):
     t0s = m["config"]["t0"]
     assert t0s[0] == 0 and len(t0s) >= 2
     assert all(math.isfinite(v) for v in _numbers(m))
+    # digit-KID and its standard error beside every digit-FD (app/perception.digit_kid; tests/test_digit_kid.py)
+    entries = [e for r in m["tasks"].values() for v in r.values()
+               for e in (v if isinstance(v, list) else [v]) if isinstance(e, dict) and "digit_fd" in e]
+    assert entries and all(e["digit_kid_se"] > 0 and isinstance(e["digit_kid"], float) for e in entries)
+    assert m["digit_kid_clean_se"] > 0
     for name, r in m["tasks"].items():
         pts = r["map_rps"]
         assert [p["t0"] for p in pts] == t0s
@@ -87,6 +92,11 @@ def test_quick_latent_demo_bundled_latent_model(tmp_path):
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert all(math.isfinite(v) for v in _numbers(m))
+    # digit-KID and its standard error beside every digit-FD (app/perception.digit_kid; tests/test_digit_kid.py)
+    entries = [e for r in m["tasks"].values() for v in r.values()
+               for e in (v if isinstance(v, list) else [v]) if isinstance(e, dict) and "digit_fd" in e]
+    assert entries and all(e["digit_kid_se"] > 0 and isinstance(e["digit_kid"], float) for e in entries)
+    assert m["digit_kid_clean_se"] > 0
     t0s = m["config"]["t0"]
     falls = [name for name, r in m["tasks"].items() if r["lmap_rps"][0]["rmse"] < r["lmap_rps"][-1]["rmse"]]
     assert len(falls) >= 3, {name: [p["rmse"] for p in r["lmap_rps"]] for name, r in m["tasks"].items()}

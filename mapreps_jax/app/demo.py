@@ -202,7 +202,10 @@ def run_demo(model, cfg: DemoConfig = DemoConfig(), progress: Optional[Callable[
     evaluations done so far (per image; the total is ``nfe_budget(cfg)["total"]``).
     """
     from .datasets import load_digits, to_model_range
-    from .perception import digit_fd
+    from .perception import digit_fd, digit_kid
+
+    def _kid_or_none(imgs):
+        return digit_kid(imgs) if imgs.shape[0] >= 3 else (None, None)
 
     pixel, latent = cfg.space in ("pixel", "both"), cfg.space in ("latent", "both")
     if pixel and model is None:
@@ -234,7 +237,9 @@ def run_demo(model, cfg: DemoConfig = DemoConfig(), progress: Optional[Callable[
             progress(done, label)
 
     def score(imgs, sl):
-        return {"rmse": float(jnp.mean(rmse(imgs[sl], x))), "digit_fd": float(digit_fd(imgs[sl]))}
+        out = {"rmse": float(jnp.mean(rmse(imgs[sl], x))), "digit_fd": float(digit_fd(imgs[sl]))}
+        out["digit_kid"], out["digit_kid_se"] = _kid_or_none(imgs[sl])
+        return out
 
     tasks = {name: {"description": p.description, "operator": o.name, "sigma_y": p.sigma_y}
              for name, p, o in zip(cfg.tasks, presets, ops)}
@@ -254,12 +259,15 @@ def run_demo(model, cfg: DemoConfig = DemoConfig(), progress: Optional[Callable[
     metrics = {
         "config": {**dataclasses.asdict(cfg), "tasks": list(cfg.tasks), "t0": list(cfg.t0)},
         "digit_fd_clean": float(digit_fd(x)),
+        **dict(zip(("digit_kid_clean", "digit_kid_clean_se"), _kid_or_none(x))),
         "tasks": tasks, "nfe": nfe,
         "seconds": {**{k_: round(v, 2) for k_, v in timings.items()},
                     "total": round(time.perf_counter() - t_start, 2)},
         "model": model.name if pixel else None, "latent_model": latent_model.name if latent else None,
         "backend": jax.default_backend(), "machine": machine_info(),
-        "units": "RMSE on [0, 1] (mean over images); digit-FD to the 500 held-out digits (lower is better)",
+        "units": "RMSE on [0, 1] (mean over images); digit-FD to the 500 held-out digits (lower is better); "
+                 "digit-KID: unbiased MMD^2 of the same features to the same digits, with its jackknife standard error "
+                 "(lower is better; null below 3 images)",
     }
     return {"metrics": metrics, "images": images}
 
