@@ -29,6 +29,14 @@ from mapreps_jax.app.pretrained import load_default_prior  # noqa: E402
 from mapreps_jax.checkpoint_io import write_text_atomic  # noqa: E402
 
 
+def _print_table(tasks, sizes, n_images, cell):
+    """A Markdown table: one row per task, one column per set size, ``cell(row_of_that_size)`` in each."""
+    print("| task | " + " | ".join(f"{n_images // s} set{'s' if n_images > s else ''} of {s}" for s in sizes) + " |")
+    print("|---|" + "---|" * len(sizes))
+    for name, rows in tasks.items():
+        print(f"| {name} | " + " | ".join(cell(rows[s]) for s in sizes) + " |")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n-images", type=int, default=64, help="digits per task (a multiple of 16)")
@@ -63,32 +71,24 @@ def main(argv=None) -> int:
                        "kid_falls_2se": int(sum(kf[0] - kb[0] > 2 * (kf[1] ** 2 + kb[1] ** 2) ** 0.5
                                                 for kf, kb in kids))}
         out["tasks"][name] = rows
-    print("| task | " + " | ".join(f"{a.n_images // s} set{'s' if a.n_images > s else ''} of {s}" for s in sizes) + " |")
-    print("|---|" + "---|" * len(sizes))
-    for name, rows in out["tasks"].items():
-        cells = []
-        for s in sizes:
-            r = rows[s]
-            cell = f"{r['falls']} of {r['sets']}"
-            if r["sets"] == 1:
-                f, b = r["fd_map_and_largest_t0"][0]
-                cell += f" ({f:.0f} -> {b:.0f})"
-            cells.append(cell)
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    def fd_cell(r):
+        cell = f"{r['falls']} of {r['sets']}"
+        if r["sets"] == 1:
+            f, b = r["fd_map_and_largest_t0"][0]
+            cell += f" ({f:.0f} -> {b:.0f})"
+        return cell
+
+    def kid_cell(r):
+        cell = f"{r['kid_falls']} ({r['kid_falls_2se']}) of {r['sets']}"
+        if r["sets"] == 1:
+            (f, fe), (b, be) = r["kid_map_and_largest_t0"][0]
+            cell += f" ({f:.0f} +- {fe:.0f} -> {b:.0f} +- {be:.0f})"
+        return cell
+
+    _print_table(out["tasks"], sizes, a.n_images, fd_cell)
     print("clean digits, digit-FD per set:", {s: [round(v) for v in vals] for s, vals in out["clean"].items()})
     print("\ndigit-KID: sets on which it falls from t0 = 0 to the largest t0 (by more than 2 combined standard errors)")
-    print("| task | " + " | ".join(f"{a.n_images // s} x {s}" for s in sizes) + " |")
-    print("|---|" + "---|" * len(sizes))
-    for name, rows in out["tasks"].items():
-        cells = []
-        for s in sizes:
-            r = rows[s]
-            cell = f"{r['kid_falls']} ({r['kid_falls_2se']}) of {r['sets']}"
-            if r["sets"] == 1:
-                (f, fe), (b, be) = r["kid_map_and_largest_t0"][0]
-                cell += f" ({f:.0f} +- {fe:.0f} -> {b:.0f} +- {be:.0f})"
-            cells.append(cell)
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    _print_table(out["tasks"], sizes, a.n_images, kid_cell)
     if a.out:
         write_text_atomic(a.out, json.dumps(out, indent=1) + "\n")
         print(f"wrote {a.out}")
