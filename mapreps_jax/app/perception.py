@@ -122,10 +122,7 @@ def frechet_distance_from_features(f1, f2) -> float:
 
 @functools.lru_cache(maxsize=1)
 def _heldout_statistics_cached():
-    from .datasets import load_digits, to_model_range
-
-    x, _ = load_digits("test")
-    mu, s = feature_statistics(digit_features(to_model_range(x)))
+    mu, s = feature_statistics(heldout_features())
     mu.setflags(write=False)
     s.setflags(write=False)
     return mu, s
