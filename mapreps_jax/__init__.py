@@ -15,6 +15,9 @@ Where things live:
   baselines.py   DPS (-A, -S, VS), CCDF, RED-diff
   metrics.py     RMSE, PSNR, SSIM, Frechet distance, sliced W2, MMD
   testbed.py     run any algorithm on an exact prior and measure its D-P point
+  sharding.py    data-parallel restoration over a device mesh and several hosts (run_sharded, sweep_stages)
+  tune.py        gradient-based fitting of Stage-1 w, lr, t1 and the re-noising t0 (optax; remat through the loops)
+  batch_restore.py  ``mapreps restore-batch``: a folder of measurements on all devices, resumable, atomic outputs
   xla_cpu.py     XLA:CPU flags applied at import (YNNPACK for matrix products only: 2x faster UNets on CPU)
   config.py      the one config convention (frozen dataclasses that are pytrees; ``static`` fields)
   checkpoint_io.py  checkpoint root, checksums, atomic orbax I/O, schedule records, output sets
@@ -51,6 +54,12 @@ from .baselines import prior_sample, dps, dps_average, resample, ccdf, red_diff,
 from .metrics import rmse, psnr, ssim, frechet_distance, sliced_w2, mmd
 from .testbed import orthogonal_latent_space
 from .app.pretrained import load_default_prior, load_default_latent
+from .sharding import (batch_mesh, run_sharded, sweep_stages, shard_rows, replicate, local_rows,
+                       initialize_distributed, memory_per_device)
+from .batch_restore import restore_batch
+# gradient-based fitting of w, lr, t1, t0 (mr.tune.tune(...), mr.tune.tune_t0_for_distortion(...)): the module
+from . import tune
+from .tune import TuneResult, tune_t0_for_distortion, tuning_loss
 from .app.demo import DemoConfig, run_demo
 
 from .networks import (ADMConfig, adm_score_model, init_adm_params, load_model, register_model, registered_models,

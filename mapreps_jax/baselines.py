@@ -49,11 +49,14 @@ def prior_sample(key, model: ScoreModel, shape, *, n_steps: Optional[int] = None
 
 
 def dps(key, model: ScoreModel, op, y, *, sampler=None, cond=None, n_steps: Optional[int] = None,
-        zeta=1.0, noise_scale=1.0, clip: bool = True):
+        zeta=1.0, noise_scale=1.0, clip: bool = True, remat: bool = False):
     """DPS: ``x_{T-1} ~ N(0, I)``, then the DPS step for all ``T`` steps (or a ``K``-step sub-grid: DPS-S).
 
     ``sampler`` overrides the default ``DPSStep(zeta, noise_scale=noise_scale, clip=clip)``; ``noise_scale < 1`` is
     VSDPS. Returns ``[B, *state_shape]`` (``op.in_shape`` in pixel space).
+    ``remat`` (static): ``jax.checkpoint`` on each step (:func:`~mapreps_jax.rps_stage.reverse_loop`): under
+    ``jax.grad`` the loop keeps O(steps x state) memory instead of O(steps x activations), at one extra step forward
+    (network forward and VJP) per step in the backward pass; the output is the same (bitwise).
     """
     y = check_measurement(op, y, "dps")
     if sampler is None:
@@ -62,7 +65,7 @@ def dps(key, model: ScoreModel, op, y, *, sampler=None, cond=None, n_steps: Opti
         check_scalar(n_steps, "n_steps", "dps", lo=1, integer=True)
     k0, k1 = split_keys(image_keys(key, y.shape[0], "dps"))
     x = normal(k0, Problem(model, op, y).state_shape(), y.dtype)  # float64 measurements give a float64 run
-    return reverse_loop(k1, model, op, y, x, model.T - 1, sampler=sampler, cond=cond, n_steps=n_steps)
+    return reverse_loop(k1, model, op, y, x, model.T - 1, sampler=sampler, cond=cond, n_steps=n_steps, remat=remat)
 
 
 def resample(key, model: ScoreModel, op, y, *, sampler=None, n_steps: Optional[int] = None, cond=None):

@@ -1,4 +1,5 @@
-"""The ``mapreps`` command line: ``demo``, ``restore``, ``testbed``, ``testbed-demo``, ``evaluate``, ``convert``.
+"""The ``mapreps`` command line: ``demo``, ``restore``, ``restore-batch``, ``testbed``, ``testbed-demo``, ``evaluate``,
+``convert``.
 
 ``mapreps demo ...``     the main job: MAP-RPS t0 sweep, DPS and RED-diff on held-out digits with the bundled prior
                          (:mod:`mapreps_jax.app.demo`): dp_curve.png, grid.png, metrics.json.
@@ -8,6 +9,8 @@
                          ``--preset NAME`` an image with the paper's settings on a converted network
                          (:mod:`mapreps_jax.presets`: ``ffhq-*`` pixel ADM, ``ldm-ffhq-*`` / ``sd15-*`` LMAP-RPS;
                          ``sd15-*`` also ``--prompt-embedding`` / ``--negative-embedding``, npy text embeddings).
+``mapreps restore-batch`` restores a folder of observed measurements at every ``--t0`` on all devices (and hosts),
+                         resumably: PNGs written atomically plus ``results.jsonl`` (:mod:`mapreps_jax.batch_restore`).
 ``mapreps evaluate ...`` PSNR / SSIM / LPIPS / FID / KID between two folders of PNGs paired by file name
                          (:mod:`mapreps_jax.evaluate`): a table, and ``--out`` JSON.
 ``mapreps convert adm``  converts a public guided-diffusion checkpoint to Flax (:mod:`mapreps_jax.networks.convert`).
@@ -291,8 +294,8 @@ def _restore_preset(args) -> int:
     import json
 
     from .app.digits import is_restore_file
-    from .presets import (TEXT_EMBEDDING_HELP, check_text_embedding, get_preset, load_preset_model,
-                          restore_preset_files, text_embedding_dim)
+    from .presets import (TEXT_EMBEDDING_HELP, check_text_embedding, get_preset, restore_preset_files,
+                          text_embedding_dim)
     from .checkpoint_io import check_output_dir, write_output_set
 
     p = get_preset(args.preset)
@@ -313,18 +316,7 @@ def _restore_preset(args) -> int:
         raise ValueError(f"restore --preset {p.name}: {', '.join(o for o, v in given if v is not None)} is for the "
                          f"text-conditioned sd15-* presets; {p.name} is unconditional: drop it")
     check_output_dir(args.out, overwrite=args.overwrite, is_ours=is_restore_file)
-    cond = uncond = None
-    if p.needs_text:
-        cond = _read_embedding(args.prompt_embedding, "--prompt-embedding")
-        uncond = _read_embedding(args.negative_embedding, "--negative-embedding")
-    if args.model is None:
-        model = load_preset_model(p)
-    else:
-        from .networks.registry import load_model
-
-        if not os.path.isdir(args.model):
-            raise ValueError(f"--model: no converted checkpoint folder at {args.model!r}\n{_preset_help(p)}")
-        model = load_model(args.model)
+    model, cond, uncond = _preset_model_and_text(args, p)
     if p.needs_text:  # the width the loaded UNet attends to (768 for SD 1.5), before computing
         dim = text_embedding_dim(model)
         cond = check_text_embedding(cond, dim, f"--prompt-embedding {args.prompt_embedding}")
@@ -334,6 +326,95 @@ def _restore_preset(args) -> int:
     write_output_set(args.out, files, overwrite=args.overwrite, is_ours=is_restore_file)
     print(json.dumps({"out": args.out, "preset": p.name, "files": sorted(files)}))
     return 0
+
+
+def cmd_restore_batch(args) -> int:
+    """``mapreps restore-batch``: see :mod:`mapreps_jax.batch_restore`. Prints a JSON summary (process 0); exit
+    status 1 when some input files could not be used (they are listed), 0 otherwise."""
+    import json
+
+    dist = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in dist) or args.distributed:
+        from .sharding import initialize_distributed
+
+        if args.distributed and any(v is not None for v in dist):
+            raise ValueError("restore-batch: --distributed reads the cluster environment; --coordinator, "
+                             "--num-processes and --process-id set it by hand: give one or the other")
+        initialize_distributed(*dist)
+    from .batch_restore import digits_job, preset_job, restore_batch
+    from .sharding import batch_mesh, replicated_sharding
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps (Stage-2 steps K) must be >= 1, got {args.steps}")
+    mesh = batch_mesh()
+    rep = replicated_sharding(mesh)
+    if args.preset is None:
+        if args.task is None:
+            raise ValueError("restore-batch: give --task (digits prior: sr4, inpaint, deblur, denoise) or --preset "
+                             "NAME (a converted network, see --model)")
+        if args.model is not None or args.prompt_embedding or args.negative_embedding:
+            raise ValueError("restore-batch: --model and the text embeddings go with --preset (the digits tasks use "
+                             "the bundled prior)")
+        from .app.digits import DEMO_TASKS
+        from .app.pretrained import load_default_prior
+
+        if args.task not in DEMO_TASKS:  # before loading anything
+            raise ValueError(f"unknown task {args.task!r} for restore-batch; expected one of {sorted(DEMO_TASKS)}")
+        t0s = [0, 200, 600] if args.t0 is None else args.t0
+        job = digits_job(args.task, model=load_default_prior(sharding=rep), seed=args.seed,
+                         steps=40 if args.steps is None else args.steps, n_iter=args.n_iter)
+    else:
+        from .presets import get_preset
+
+        p = get_preset(args.preset)
+        if args.task is not None and args.task != p.task:
+            raise ValueError(f"restore-batch: preset {p.name!r} runs task {p.task!r}, not --task {args.task!r}")
+        if args.n_iter is not None:
+            raise ValueError("restore-batch: --n-iter is fixed by the preset; drop it")
+        t0s = list(p.t0s) if args.t0 is None else args.t0
+        if p.needs_text and not (args.prompt_embedding and args.negative_embedding):
+            raise ValueError(f"restore-batch --preset {p.name}: needs --prompt-embedding and --negative-embedding "
+                             f"FILE.npy")
+        model, cond, uncond = _preset_model_and_text(args, p, sharding=rep)
+        job = preset_job(p, model, seed=args.seed, steps=args.steps, cond=cond, uncond=uncond)
+    summary = restore_batch(job, args.inputs, args.out, t0s, seed=args.seed, batch_size=args.batch_size, mesh=mesh,
+                            progress=not args.quiet)
+    import jax
+
+    if jax.process_index() == 0:
+        print(json.dumps(summary, sort_keys=True))
+    if summary["failed"]:
+        print(f"mapreps restore-batch: {len(summary['failed'])} input file(s) could not be used:", file=sys.stderr)
+        for name, err in sorted(summary["failed"].items()):
+            print(f"  {name}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _preset_model_and_text(args, p, sharding=None):
+    """``(model, cond, uncond)`` of ``--preset``: the text embeddings of a text-conditioned preset (else ``None``)
+    and the ``--model`` folder's network (default: the preset's registered model), placed with ``sharding``."""
+    from .presets import load_preset_model
+
+    cond = uncond = None
+    if p.needs_text:
+        cond = _read_embedding(args.prompt_embedding, "--prompt-embedding")
+        uncond = _read_embedding(args.negative_embedding, "--negative-embedding")
+    if args.model is None:
+        model = load_preset_model(p)
+        if sharding is not None:
+            from .sharding import place
+
+            model = place(model, sharding)
+    else:
+        from .networks.registry import load_model
+
+        if not os.path.isdir(args.model):
+            raise ValueError(f"--model: no converted checkpoint folder at {args.model!r}\n{_preset_help(p)}")
+        model = load_model(args.model, sharding=sharding)
+    return model, cond, uncond
 
 
 def _read_embedding(path: str, opt: str):
@@ -470,6 +551,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous restore output in --out")
     p.set_defaults(func=cmd_restore)
+    p = sub.add_parser("restore-batch", help="restore a folder of observed measurements at every --t0 on all "
+                                             "devices (and hosts); resumable (results.jsonl)")
+    p.add_argument("--inputs", required=True, metavar="DIR_OR_GLOB",
+                   help="a folder of observed-measurement PNGs (8x8 for sr4, 32x32 otherwise; with --preset the "
+                        "preset's measurement size) or a glob pattern")
+    p.add_argument("--task", default=None, help="sr4 | inpaint | deblur | denoise (digits prior)")
+    p.add_argument("--preset", default=None, help="the paper's settings on a converted network (as mapreps restore "
+                   "--preset): " + " | ".join(_preset_names()))
+    p.add_argument("--model", default=None, help="with --preset: a converted checkpoint folder")
+    p.add_argument("--prompt-embedding", default=None, metavar="FILE.npy", help="with an sd15-* preset")
+    p.add_argument("--negative-embedding", default=None, metavar="FILE.npy", help="with an sd15-* preset")
+    p.add_argument("--t0", type=_int_list, default=None,
+                   help="comma-separated re-noising times (default 0,200,600; with --preset, the preset's list)")
+    p.add_argument("--out", required=True, help="output folder (created; a previous run's is resumed)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per step over all devices (rounded up to a multiple of the device count; default "
+                        "max(8, devices))")
+    p.add_argument("--steps", type=int, default=None,
+                   help="Stage-2 sub-grid steps K (default 40; with --preset the preset's full grid)")
+    p.add_argument("--n-iter", type=int, default=None, help="Stage-1 steps N (digits; default the task preset's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-image noise (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--distributed", action="store_true",
+                   help="several processes: jax.distributed.initialize() from the environment (TPU pod slices, "
+                        "SLURM / Open MPI)")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="several processes by hand (CPU / GPU hosts): process 0's address; with --num-processes "
+                        "and --process-id")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+    p.set_defaults(func=cmd_restore_batch)
     p = sub.add_parser("evaluate", help="PSNR, SSIM, LPIPS, FID, KID between two folders of PNGs paired by file "
                                         "name (a table, and JSON with --out)")
     p.add_argument("--pred", required=True, metavar="DIR", help="folder of restored images (*.png)")

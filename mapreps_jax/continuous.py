@@ -14,6 +14,14 @@ MAP-RPS output whose distortion and perception are given in closed form in ``TES
 
 The score-only form covers unconditional models and the exact oracle; the DPS guidance is a discrete-grid heuristic
 and lives in :mod:`mapreps_jax.rps_stage`.
+
+Gradients (``adjoint``): by default diffrax's :class:`diffrax.RecursiveCheckpointAdjoint` ("discretise then
+optimise": the exact derivative of the computed Euler-Maruyama solution, with binomial checkpointing over the
+``n_steps + 1`` solver steps, memory about ``log(n_steps)`` copies of the state); it is what
+:mod:`mapreps_jax.tune` uses. Alternatives and why they are not the default are in :mod:`mapreps_jax.tune`.
+What the vector fields depend on (the interval length ``L = t0 - 1``, the conditioning, the model) enters through
+diffrax's ``args``, not a closure, so :class:`diffrax.BacksolveAdjoint` can differentiate w.r.t. ``t0`` too, also
+under ``jit`` with traced conditioning.
 """
 
 from __future__ import annotations
@@ -61,7 +69,7 @@ def _beta(schedule, s):
 
 
 def rps_sde(key, model: ScoreModel, x_init, t0, *, n_steps: int = 100, cond=None, clip: bool = False,
-            solver=None):
+            solver=None, adjoint=None):
     """Re-noise ``x_init`` to ``alpha_bar(t0 - 1)`` and solve the reverse VP SDE to ``s = 0`` (see module doc).
 
     Args:
@@ -71,36 +79,42 @@ def rps_sde(key, model: ScoreModel, x_init, t0, *, n_steps: int = 100, cond=None
       t0: real re-noising time in ``[1, T]`` (differentiable); ``t0 <= 1`` returns the Tweedie-denoised re-noise.
       n_steps: fixed number of solver steps on ``[0, t0 - 1]`` (Euler-Maruyama by default).
       solver: a diffrax SDE solver (default :class:`diffrax.Euler`).
+      adjoint: how reverse mode differentiates the solve (default ``None``: diffrax's default,
+        :class:`diffrax.RecursiveCheckpointAdjoint`, the exact gradient of the discrete solution with checkpointing;
+        see the module doc and :mod:`mapreps_jax.tune`). :class:`diffrax.BacksolveAdjoint` needs a Stratonovich
+        solver (e.g. ``solver=diffrax.Heun()``; the noise here is additive, so Ito and Stratonovich agree) and gives
+        an approximate gradient.
     """
     x_init = jnp.asarray(x_init, jnp.float32)
     t0 = jnp.asarray(t0, jnp.float32)
     k_noise, k_bm = split_keys(image_keys(key, x_init.shape[0], "rps_sde"))
     L = jnp.maximum(t0 - 1.0, 0.0)
     x = renoise(k_noise, x_init, model.alpha_bar(t0 - 1.0))
-    sched = model.schedule
 
-    def s_of(tau):
-        return L * (1.0 - tau)
-
+    # everything traced that the vector fields use (``L``, which carries t0, the conditioning, the model) is passed
+    # as ``args``, not closed over, so that every adjoint, BacksolveAdjoint included, can differentiate through it
     def drift(tau, xx, args):
-        s = s_of(tau)
-        beta = _beta(sched, s)
-        a = model.alpha_bar(s)
-        eps = model.eps(xx, s, cond)
+        L, c, m = args
+        s = L * (1.0 - tau)
+        beta = _beta(m.schedule, s)
+        a = m.alpha_bar(s)
+        eps = m.eps(xx, s, c)
         score_term = -eps / safe_sqrt(1.0 - a)
         return L * (0.5 * beta * xx + beta * score_term)
 
     def diffusion(tau, xx, args):
-        s = s_of(tau)
-        g = jnp.sqrt(_beta(sched, s) * L)
+        L, _, m = args
+        s = L * (1.0 - tau)
+        g = jnp.sqrt(_beta(m.schedule, s) * L)
         return lx.DiagonalLinearOperator(jnp.full(xx.shape, g, xx.dtype))
 
     event = jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
     bm = _PerImageBrownian(jax.vmap(lambda k: diffrax.VirtualBrownianTree(0.0, 1.0, tol=1.0 / (4 * int(n_steps)),
                                                                            shape=event, key=k))(k_bm))
     terms = diffrax.MultiTerm(diffrax.ODETerm(drift), diffrax.ControlTerm(diffusion, bm))
-    sol = diffrax.diffeqsolve(terms, solver or diffrax.Euler(), 0.0, 1.0, dt0=1.0 / int(n_steps), y0=x,
-                              saveat=diffrax.SaveAt(t1=True), max_steps=int(n_steps) + 1)
+    kw = {} if adjoint is None else dict(adjoint=adjoint)
+    sol = diffrax.diffeqsolve(terms, solver or diffrax.Euler(), 0.0, 1.0, dt0=1.0 / int(n_steps), y0=x, args=(L, cond, model),
+                              saveat=diffrax.SaveAt(t1=True), max_steps=int(n_steps) + 1, **kw)
     x_end = sol.ys[0]
     s_end = jnp.float32(0.0)
     x0 = tweedie(x_end, model.eps(x_end, s_end, cond), model.alpha_bar(s_end), clip)

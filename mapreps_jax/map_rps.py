@@ -12,6 +12,7 @@ With a latent diffusion model both stages run on latents (LMAP-RPS) and the outp
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -29,7 +30,7 @@ from .validation import check_measurement, check_same_batch, check_scalar, check
 __all__ = ["map_rps", "dp_sweep", "SweepResult", "map_estimate_jit", "rps_jit", "network_calls"]
 
 map_estimate_jit = jax.jit(map_estimate)
-rps_jit = jax.jit(rps, static_argnames=("n_steps", "continuous", "max_steps"))
+rps_jit = jax.jit(rps, static_argnames=("n_steps", "continuous", "max_steps", "remat"))
 
 
 def _rps_over_t0(key, model, op, y, x_map, t0s, sampler, cond, n_steps, max_steps):
@@ -43,17 +44,22 @@ _rps_over_t0_jit = jax.jit(_rps_over_t0, static_argnames=("n_steps", "max_steps"
 
 
 def map_rps(key, model: ScoreModel, op, y, t0, *, map_config: MAPConfig = MAPConfig(), sampler=DPSStep(),
-            sigma_y=None, cond=None, n_steps: Optional[int] = None, max_steps: Optional[int] = None):
+            sigma_y=None, cond=None, n_steps: Optional[int] = None, max_steps: Optional[int] = None,
+            remat: bool = False):
     """MAP-RPS at one ``t0``: Stage 1 (:func:`~mapreps_jax.map_stage.map_estimate`) then Stage 2
     (:func:`~mapreps_jax.rps_stage.rps`). Keys (one or ``[B]``, :mod:`mapreps_jax.rng`): image ``i``'s Stage 1 uses
     ``split(keys[i])[0]``, its Stage 2 ``split(keys[i])[1]``. Returns images ``[B, *op.in_shape]`` (decoded for a
-    latent model)."""
+    latent model). ``remat`` (static): ``jax.checkpoint`` on the steps of both stages (Stage 1 also when
+    ``map_config.remat``): under ``jax.grad`` memory O(steps x state) instead of O(steps x activations), one extra
+    step forward per step in the backward pass; the same output."""
     y = check_measurement(op, y, "map_rps")
     check_t0(t0, model.T, "map_rps")  # before Stage 1, so a bad t0 fails before the work
     k1, k2 = split_keys(image_keys(key, jnp.shape(y)[0], "map_rps"))
+    if remat and not map_config.remat:
+        map_config = dataclasses.replace(map_config, remat=True)
     x_map = map_estimate(k1, model, op, y, config=map_config, sigma_y=sigma_y, cond=cond)
     return model.decode(rps(k2, model, op, y, x_map, t0, sampler=sampler, cond=cond, n_steps=n_steps,
-                            max_steps=max_steps))
+                            max_steps=max_steps, remat=remat))
 
 
 def _rps_step_times(t0: int, n_steps: Optional[int] = None) -> list:

@@ -127,6 +127,12 @@ class MAPConfig:
       cg_iters: static; conjugate-gradient steps of the proximal step (``solver="prox"``).
       init: static; the start when ``x_init`` is not given: ``"mean"`` (default, ``E(A_pinv y)`` deterministic) or
         ``"sample"`` (a sample of a KL encoder's posterior, key ``fold_in(keys[i], INIT_KEY_DATA)``; module doc).
+      remat: static; rematerialise the steps under reverse-mode differentiation (``jax.checkpoint`` on the scan
+        step, :mod:`mapreps_jax._loops`): the gradient of a function of the result (w.r.t. ``w``, ``lr``, ``t1``,
+        ``y``, ...) keeps only each step's carry (iterate and AdamW moments: O(steps x state) memory) instead of
+        each step's network activations (O(steps x activations)), at the cost of one extra network forward per
+        step in the backward pass. The result is the same (bitwise); only the memory and time of ``jax.grad``
+        change. Used by :func:`mapreps_jax.tune.tune`.
     """
 
     t1: Any = 10.0
@@ -143,6 +149,7 @@ class MAPConfig:
     solver: str = static("adamw")
     cg_iters: int = static(20)
     init: str = static("mean")
+    remat: bool = static(False)
 
     def __post_init__(self):
         if self.init not in MAP_INITS:
@@ -154,6 +161,8 @@ class MAPConfig:
         if self.solver == "prox" and self.stable:
             raise ValueError("MAPConfig: solver='prox' solves the squared data term exactly; stable=True (the norm) "
                              "needs solver='adamw'")
+        if not isinstance(self.remat, bool):
+            raise ValueError(f"MAPConfig.remat: expected a bool, got {self.remat!r}")
         if isinstance(self.cg_iters, bool) or not isinstance(self.cg_iters, int) or self.cg_iters < 1:
             raise ValueError(f"MAPConfig.cg_iters: expected a positive int, got {self.cg_iters!r}")
         w = "MAPConfig"
@@ -319,6 +328,6 @@ def _map(key, model, op, y, cfg, sigma_y, x_init, cond, collect, where):
 
     carry = (MAPState(x, () if prox else opt.init(x)), jnp.zeros_like(x))
     if collect is None:
-        return result(bounded_loop(lambda k, c: body(k, c)[0], carry, n_iter, cfg.max_iter))
-    carry, trace = bounded_scan(body, carry, n_iter, cfg.max_iter)
+        return result(bounded_loop(lambda k, c: body(k, c)[0], carry, n_iter, cfg.max_iter, remat=cfg.remat))
+    carry, trace = bounded_scan(body, carry, n_iter, cfg.max_iter, remat=cfg.remat)
     return result(carry), trace

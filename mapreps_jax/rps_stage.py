@@ -18,6 +18,12 @@ The state lives in the model's space (:mod:`mapreps_jax.space`): pixels, or a la
 ``x_init`` is a latent (``model.encode(image)``) and the output is one too (``model.decode`` gives the image).
 :func:`rps_trace` also returns what each step reports (:class:`~mapreps_jax.samplers.StepInfo`: the clean estimate
 ``x0`` and the residual ``||y - A(D(x0))||``), collected as scan outputs.
+
+``remat=True`` (static, every entry point) wraps each step of the loop in ``jax.checkpoint``: reverse-mode
+differentiation through Stage 2 (w.r.t. ``t0``, the sampler's step sizes, ``x_init``) then keeps each step's state
+(O(steps x state) memory) instead of each step's network activations and their VJP residuals (O(steps x
+activations)), and pays one extra step forward (network forward and, for DPS, its VJP) per step in the backward
+pass. Outputs are unchanged (bitwise).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from ._loops import bounded_loop, bounded_scan, concrete_int, masked_step
+from ._loops import bounded_loop, bounded_scan, concrete_int, masked_step, maybe_remat
 from .diffusion import renoise
 from .model import ScoreModel
 from .rng import fold_keys, image_keys, split_keys
@@ -63,7 +69,7 @@ def subgrid_times(t_start, n_steps: int, continuous: bool = False):
 
 def reverse_loop(key, model: ScoreModel, op, y, x, t_start, *, sampler=DPSStep(), cond=None,
                  n_steps: Optional[int] = None, continuous: bool = False, max_steps: Optional[int] = None,
-                 collect=None):
+                 collect=None, remat: bool = False):
     """Run the sampler from ``x`` at time ``t_start`` down to the clean end (-1).
 
     ``key``: one key or ``[B]`` keys; step ``k`` of image ``i`` uses ``fold_in(keys[i], k)``.
@@ -71,6 +77,8 @@ def reverse_loop(key, model: ScoreModel, op, y, x, t_start, *, sampler=DPSStep()
     Sub-grid: ``n_steps`` steps on :func:`subgrid_times` (steps whose rounded times coincide are skipped).
     ``collect(state, info) -> pytree``: when given, returns ``(x, trace)`` with the collected values stacked over
     the loop's steps (entry ``k`` is the ``k``-th step; zeros for steps that were skipped); else ``x``.
+    ``remat`` (static): ``jax.checkpoint`` on each step (module doc: memory O(steps x state) instead of O(steps x
+    activations) under ``jax.grad``, one extra step forward per step in the backward pass; same outputs).
     """
     keys = image_keys(key, x.shape[0])
     problem = Problem(model, op, y, cond)
@@ -90,10 +98,10 @@ def reverse_loop(key, model: ScoreModel, op, y, x, t_start, *, sampler=DPSStep()
         max_n = max_steps if max_steps is not None else (None if ts is not None else model.T)
         if want:
             state, trace = bounded_scan(lambda k, st: one(k, st, t_start - k, t_start - k - 1), state,
-                                        n if ts is None else ts + 1, max_n)
+                                        n if ts is None else ts + 1, max_n, remat=remat)
             return state.x, trace
         return bounded_loop(lambda k, st: one(k, st, t_start - k, t_start - k - 1)[0], state,
-                            n if ts is None else ts + 1, max_n).x
+                            n if ts is None else ts + 1, max_n, remat=remat).x
 
     times, nxt = subgrid_times(t_start, n_steps, continuous)
 
@@ -101,12 +109,12 @@ def reverse_loop(key, model: ScoreModel, op, y, x, t_start, *, sampler=DPSStep()
         k, t, tn = inp
         return masked_step(tn < t, lambda s: one(k, s, t, tn), st, want)
 
-    state, trace = jax.lax.scan(scan_body, state, (jnp.arange(int(n_steps)), times, nxt))
+    state, trace = jax.lax.scan(maybe_remat(scan_body, remat), state, (jnp.arange(int(n_steps)), times, nxt))
     return (state.x, trace) if want else state.x
 
 
 def rps(key, model: ScoreModel, op, y, x_init, t0, *, sampler=DPSStep(), cond=None, n_steps: Optional[int] = None,
-        continuous: bool = False, max_steps: Optional[int] = None):
+        continuous: bool = False, max_steps: Optional[int] = None, remat: bool = False):
     """Stage 2: re-noise ``x_init`` to ``alpha_bar(t0 - 1)`` and sample back to 0 (see module doc). Returns the
     state ``[B, *state_shape]`` (images in pixel space; latents for a latent model).
 
@@ -121,22 +129,26 @@ def rps(key, model: ScoreModel, op, y, x_init, t0, *, sampler=DPSStep(), cond=No
       n_steps: ``K`` for the sub-grid variant (MAP-RPS-S); ``None`` = full grid (NFE = ``t0``).
       continuous: real-valued sub-grid times (differentiable in ``t0``).
       max_steps: static bound on ``t0`` for the full-grid scan (default ``T``).
+      remat: static; ``jax.checkpoint`` on each reverse step (module doc): under ``jax.grad`` memory O(steps x
+        state) instead of O(steps x activations), one extra step forward per step in the backward pass; the output
+        is the same (bitwise).
     """
-    return _rps(key, model, op, y, x_init, t0, sampler, cond, n_steps, continuous, max_steps, None, "rps")
+    return _rps(key, model, op, y, x_init, t0, sampler, cond, n_steps, continuous, max_steps, None, "rps", remat)
 
 
 def rps_trace(key, model: ScoreModel, op, y, x_init, t0, *, sampler=DPSStep(), cond=None,
               n_steps: Optional[int] = None, continuous: bool = False, max_steps: Optional[int] = None,
-              collect=keep_info):
+              collect=keep_info, remat: bool = False):
     """:func:`rps` that also returns a trace: ``(x, trace)``, ``trace`` the values of ``collect(state, info)``
     (default: each step's :class:`~mapreps_jax.samplers.StepInfo`, ``x0 [S, B, ...]`` and ``residual [S, B]``)
     stacked over the loop's ``S`` steps (full grid: ``S = max_steps`` or ``t0`` when it is a concrete int, step
     ``k`` at time ``t0 - 1 - k``; sub-grid: ``S = n_steps``; zeros for skipped steps). A concrete ``t0 = 0`` gives
-    ``(x_init, None)``."""
-    return _rps(key, model, op, y, x_init, t0, sampler, cond, n_steps, continuous, max_steps, collect, "rps_trace")
+    ``(x_init, None)``. ``remat`` as in :func:`rps`."""
+    return _rps(key, model, op, y, x_init, t0, sampler, cond, n_steps, continuous, max_steps, collect, "rps_trace",
+                remat)
 
 
-def _rps(key, model, op, y, x_init, t0, sampler, cond, n_steps, continuous, max_steps, collect, where):
+def _rps(key, model, op, y, x_init, t0, sampler, cond, n_steps, continuous, max_steps, collect, where, remat=False):
     y = check_measurement(op, y, where)
     x_init = check_state(model, op, x_init, where, "x_init")
     check_same_batch(y, x_init, "y", "x_init", where)
@@ -151,7 +163,9 @@ def _rps(key, model, op, y, x_init, t0, sampler, cond, n_steps, continuous, max_
     else:
         t0 = jnp.asarray(t0, jnp.int32)
     x = renoise(k_noise, x_init, model.alpha_bar(t0 - 1))
-    kw = dict(sampler=sampler, cond=cond, max_steps=max_steps, collect=collect)
+    if not isinstance(remat, bool):
+        raise ValueError(f"{where}: remat must be a bool, got {remat!r}")
+    kw = dict(sampler=sampler, cond=cond, max_steps=max_steps, collect=collect, remat=remat)
     if n_steps is None and t0c is not None and not continuous:
         if collect is not None and t0c == 0:  # nothing to run
             return x_init, None

@@ -17,13 +17,35 @@ def _is_tracer(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+@jax.jit
+def _count_nonfinite(x):
+    return jnp.sum(~jnp.isfinite(x))
+
+
 def check_finite(x, name: str, where: str):
-    """Raise ``ValueError`` if a concrete array holds NaN or inf (traced values are not inspected)."""
-    if not _is_tracer(x):
+    """Raise ``ValueError`` if a concrete array holds NaN or inf (traced values are not inspected).
+
+    A ``jax.Array`` is checked where it lives: one reduction on its devices and a single integer back to the host
+    (no copy of the batch; works for arrays sharded over several hosts, where every process runs the same check).
+    NumPy and Python inputs are checked on the host."""
+    if _is_tracer(x):
+        return x
+    if isinstance(x, jax.Array):
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            return x
+        with jax.ensure_compile_time_eval():  # also inside a trace, for a concrete array the trace closes over
+            bad_arr = _count_nonfinite(x)
+        if _is_tracer(bad_arr):
+            return x
+        bad = int(np.asarray(bad_arr.addressable_data(0)))  # a replicated scalar: every process holds it
+        size = x.size
+    else:
         arr = np.asarray(x)
-        if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
-            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-            raise ValueError(f"{where}: {name} must be finite; got {bad} NaN/inf value(s) of {arr.size}")
+        if not jnp.issubdtype(arr.dtype, jnp.inexact):
+            return x
+        bad, size = int(np.size(arr) - np.count_nonzero(np.isfinite(arr))), arr.size
+    if bad:
+        raise ValueError(f"{where}: {name} must be finite; got {bad} NaN/inf value(s) of {size}")
     return x
 
 

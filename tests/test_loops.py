@@ -47,3 +47,23 @@ def test_traced_count_compiles_once():
     jf(3)
     jf(50)
     assert len(traces) == 1
+
+
+def test_remat_gives_the_same_values_and_gradients():
+    """``remat=True`` (``jax.checkpoint`` on the scan step) changes what the backward pass stores, not the values."""
+    from mapreps_jax._loops import bounded_scan
+
+    for kw in (dict(n=jnp.int32(5), max_n=9), dict(n=7)):
+        for remat in (False, True):
+            f = jax.jit(lambda c, r=remat: bounded_loop(_body, c, remat=r, **kw))
+            g = jax.jit(jax.grad(lambda c, r=remat: bounded_loop(_body, c, remat=r, **kw)))
+            if not remat:
+                ref_f, ref_g = f(jnp.float32(0.2)), g(jnp.float32(0.2))
+        np.testing.assert_array_equal(np.asarray(f(jnp.float32(0.2))), np.asarray(ref_f))
+        np.testing.assert_allclose(np.asarray(g(jnp.float32(0.2))), np.asarray(ref_g), rtol=1e-6)
+        outs = [jax.jit(lambda c, r=r: bounded_scan(lambda k, cc: (_body(k, cc), cc * 2), c, remat=r, **kw))(
+            jnp.float32(0.2)) for r in (False, True)]
+        for a, b in zip(jax.tree_util.tree_leaves(outs[0]), jax.tree_util.tree_leaves(outs[1])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda c: bounded_loop(_body, c, 7, remat=True)))(jnp.float32(0.2)))
+    assert "checkpoint" in jaxpr or "remat" in jaxpr

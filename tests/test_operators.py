@@ -76,12 +76,6 @@ def _id(cfg):
     return "-".join(parts)
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 def _normal(seed, shape):
     return jnp.asarray(np.random.default_rng(seed).normal(size=shape))
 

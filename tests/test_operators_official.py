@@ -14,16 +14,9 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-import jax
 import jax.numpy as jnp
 
 from mapreps_jax.operators import make_operator
-
-
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
 
 
 def _rand(seed, shape):

@@ -28,14 +28,6 @@ from call_counter import counted, counting_latent_model
 D, ROWS, B, C_NL = 6, 3, 4, 0.3
 
 
-@pytest.fixture
-def x64():
-    prev = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", prev)
-
-
 # ------------------------------------------------------------------------------------------ the test problem
 
 

@@ -37,13 +37,15 @@ def load_default_prior_config(path: Optional[str] = None) -> dict:
     return read_json(os.path.join(root, "config.json"))
 
 
-def load_default_prior(path: Optional[str] = None, name: str = "digits-adm"):
+def load_default_prior(path: Optional[str] = None, name: str = "digits-adm", sharding=None):
     """The bundled digits prior as a :class:`~mapreps_jax.model.ScoreModel` (EMA weights, epsilon prediction,
     the schedule recorded in ``config.json``: linear, 1000 steps): images ``[B, 32, 32, 1]`` in ``[-1, 1]``.
 
     Args:
       path: checkpoint folder holding ``config.json`` and ``diffusion/`` (default
         :func:`~mapreps_jax.checkpoint_io.default_checkpoint_dir`).
+      sharding: where the parameters go (e.g. ``mapreps_jax.sharding.replicated_sharding(mesh)``: a copy on every
+        device, sent from the host directly); default: JAX's default device.
 
     Raises:
       FileNotFoundError: no such folder (or ``$MAPREPS_CHECKPOINTS`` names a missing folder).
@@ -68,18 +70,18 @@ def load_default_prior(path: Optional[str] = None, name: str = "digits-adm"):
     if not isinstance(tree, dict) or "params" not in tree:
         raise ValueError(f"{diff_dir}: expected a pytree with key 'params'")
     check_param_tree(tree["params"], param_shapes(config), f"diffusion checkpoint {diff_dir}")
-    params = jax_tree_to_jnp(tree["params"])
+    params = jax_tree_to_jnp(tree["params"], sharding)
     return adm_score_model(config, params, schedule, name=name)
 
 
-def load_default_latent(path: Optional[str] = None):
+def load_default_latent(path: Optional[str] = None, sharding=None):
     """The bundled latent digits model (``checkpoints/default/latent``: KL autoencoder 32x32x1 <-> 8x8x4 and a latent
     epsilon-UNet, ``checkpoints/default/latent.json``) as a latent :class:`~mapreps_jax.model.ScoreModel`; ``path``
-    is the bundle folder holding ``latent/`` (default :func:`~mapreps_jax.checkpoint_io.default_checkpoint_dir`).
-    Errors as :func:`~mapreps_jax.networks.registry.load_model` (a damaged or missing checkpoint is named)."""
+    is the bundle folder holding ``latent/`` (default :func:`~mapreps_jax.checkpoint_io.default_checkpoint_dir`);
+    ``sharding`` as :func:`load_default_prior`. Errors as :func:`~mapreps_jax.networks.registry.load_model` (a damaged or missing checkpoint is named)."""
     from ..networks.registry import load_model
 
-    return load_model(os.path.join(bundle_dir(path), "latent"))
+    return load_model(os.path.join(bundle_dir(path), "latent"), sharding=sharding)
 
 
 def save_prior(root: str, params, config, schedule: Optional[dict] = None, extra_config: Optional[dict] = None,
@@ -104,8 +106,13 @@ def save_prior(root: str, params, config, schedule: Optional[dict] = None, extra
     write_manifest(root)
 
 
-def jax_tree_to_jnp(tree):
+def jax_tree_to_jnp(tree, sharding=None):
+    """Host arrays to ``jax.Array``: on the default device, or placed with ``sharding`` (``jax.device_put``)."""
     import jax
     import jax.numpy as jnp
 
+    if sharding is not None:
+        from ..sharding import place
+
+        return place(tree, sharding)
     return jax.tree_util.tree_map(jnp.asarray, tree)

@@ -136,7 +136,7 @@ def _schedule(meta: dict, path: str):
 
 
 def load_model(name_or_path, checkpoints_dir=None, dtype: Optional[str] = None, remat: Optional[bool] = None,
-               verify: bool = True) -> ScoreModel:
+               verify: bool = True, sharding=None) -> ScoreModel:
     """A :class:`~mapreps_jax.model.ScoreModel` from a registered name or a converted-checkpoint directory.
 
     Args:
@@ -146,12 +146,23 @@ def load_model(name_or_path, checkpoints_dir=None, dtype: Optional[str] = None, 
       dtype: override the compute dtype (``"float32"`` / ``"bfloat16"``).
       remat: override rematerialisation (``jax.checkpoint`` of every block).
       verify: check the params checksum recorded at conversion.
+      sharding: place every parameter with it (``jax.device_put``; e.g.
+        ``mapreps_jax.sharding.replicated_sharding(mesh)`` for data-parallel restoration); default: as loaded.
 
     Raises:
       ModelNotFoundError: a registered model's checkpoint (or the checkpoint root) is absent; the message says
         where to download the source file and the exact convert command.
       ValueError: unknown name, or a corrupt / mismatched checkpoint.
     """
+    model = _load_model(name_or_path, checkpoints_dir, dtype, remat, verify)
+    if sharding is None:
+        return model
+    from ..sharding import place
+
+    return place(model, sharding)
+
+
+def _load_model(name_or_path, checkpoints_dir, dtype, remat, verify) -> ScoreModel:
     name = os.fspath(name_or_path)
     overrides = {k: v for k, v in (("dtype", dtype), ("remat", remat)) if v is not None}
     if name in _REGISTRY:
