@@ -213,8 +213,8 @@ def _jitted(fn, static_kw: tuple, traced_names: tuple, mesh: Mesh, out_axis) -> 
 def _trim(out, b: int, out_axis):
     if isinstance(out_axis, int):
         return jax.tree_util.tree_map(
-            lambda v: v if not hasattr(v, "ndim") or v.ndim <= out_axis else jax.lax.slice_in_dim(v, 0, b, axis=out_axis),
-            out)
+            lambda v: (v if not hasattr(v, "ndim") or v.ndim <= out_axis
+                       else jax.lax.slice_in_dim(v, 0, b, axis=out_axis)), out)
     return jax.tree_util.tree_map(
         lambda a, sub: sub if a is None else _trim(sub, b, a), out_axis, out,
         is_leaf=lambda a: a is None or isinstance(a, int))
@@ -239,9 +239,13 @@ def run_sharded(fn: Callable, key, model, op, y, *args, mesh: Optional[Mesh] = N
         configs, samplers: pytrees) is traced, so another value of a hyper-parameter reuses the compiled program.
       trim: return the first ``B`` images (default); ``False`` returns the padded outputs, still sharded.
 
-    Returns ``fn``'s outputs, batch-sharded over the mesh (trimmed to ``B`` unless ``trim=False``).
+    Returns ``fn``'s outputs, batch-sharded over the mesh (trimmed to ``B`` unless ``trim=False``). When ``B`` is
+    not a multiple of the device count the trimmed outputs cannot be split evenly over the devices, and JAX lays them
+    out replicated (a gather); pass ``trim=False`` to keep them sharded and drop the padded rows later
+    (``mapreps restore-batch`` reads each process's rows with :func:`local_rows`).
     """
     mesh = batch_mesh() if mesh is None else mesh
+    _check_cpu_mesh(mesh)
     n_dev = mesh.devices.size
     b = int(y.shape[0])
     global_input = isinstance(y, jax.Array) and not y.is_fully_addressable
@@ -280,6 +284,23 @@ def run_sharded(fn: Callable, key, model, op, y, *args, mesh: Optional[Mesh] = N
                    for k in traced_names)
     out = _jitted(fn, static_kw, traced_names, mesh, out_axis)(keys, model, op, y, args, traced)
     return _trim(out, b, out_axis) if trim and size != b else out
+
+
+def _check_cpu_mesh(mesh: Mesh) -> None:
+    """Refuse a mesh of several CPU devices of this process while the package's XLA:CPU flag is in effect: XLA's
+    classic CPU convolutions miscompute programs partitioned over them (:mod:`mapreps_jax.xla_cpu`)."""
+    local_cpu = [d for d in mesh.devices.flat if d.platform == "cpu" and d.process_index == jax.process_index()]
+    if len(local_cpu) < 2:
+        return
+    from .xla_cpu import OPT_OUT_ENV, cpu_defaults_status
+
+    if cpu_defaults_status()["effective"]:
+        raise RuntimeError(
+            f"run_sharded: a mesh of {len(local_cpu)} CPU devices in one process with the package's XLA:CPU flag in "
+            f"effect (YNNPACK off) gives wrong results (XLA:CPU's classic convolutions miscompute programs "
+            f"partitioned over several CPU devices; mapreps_jax/xla_cpu.py). Ask for the CPU devices before "
+            f"importing mapreps_jax (XLA_FLAGS=--xla_force_host_platform_device_count=N or JAX_NUM_CPU_DEVICES=N: "
+            f"the flag is then left out), set {OPT_OUT_ENV}=0, or use one device per process")
 
 
 def sweep_stages(key, model, op, y, t0s, *, map_config=None, sampler=None, sigma_y=None, cond=None,

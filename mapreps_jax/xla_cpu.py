@@ -19,7 +19,15 @@ jax``). :func:`apply_cpu_defaults`, run by ``import mapreps_jax``, appends the f
 * ``MAPREPS_JAX_XLA_DEFAULTS`` is not ``0`` (the opt-out),
 * ``XLA_FLAGS`` does not already choose ``xla_cpu_experimental_ynn_fusion_type`` (the user's choice wins),
 * the installed jaxlib is one where the flag was measured (:data:`VERIFIED_JAXLIB`): an unknown flag makes XLA
-  abort the process, so on any other version nothing is changed.
+  abort the process, so on any other version nothing is changed;
+* the process does not ask for several CPU devices (``--xla_force_host_platform_device_count=N`` in ``XLA_FLAGS`` or
+  ``JAX_NUM_CPU_DEVICES``, ``N > 1``). With several CPU devices in one process, XLA:CPU's classic convolution path
+  gives **wrong results** for a program partitioned over them: the first image of each device's rows of a
+  data-parallel Stage 1 on the digits ADM differed by up to 0.6 from the single-device result, not reproducibly
+  from run to run (2 devices, 4 images each; switching off only YNNPACK's convolutions is enough to trigger it),
+  while with YNNPACK every image agrees to 3e-6. There the flag is left out, and
+  :func:`mapreps_jax.sharding.run_sharded` refuses a mesh of several CPU devices of one process while the flag is in
+  effect. One CPU device per process (multi-process runs) and GPU / TPU devices are unaffected.
 
 If JAX's backends were already initialised when the package was imported, the flag cannot take effect any more;
 :func:`cpu_defaults_status` says so (``"effective": False``). To be sure, import ``mapreps_jax`` before running
@@ -60,6 +68,18 @@ def _backends_initialised() -> bool:
         return False
 
 
+def _forced_cpu_devices(env) -> int:
+    """The CPU device count the environment asks for (1 when it asks for none)."""
+    import re
+
+    counts = [int(m) for m in re.findall(r"--xla_force_host_platform_device_count=(\d+)", env.get("XLA_FLAGS", ""))]
+    try:
+        counts.append(int(env.get("JAX_NUM_CPU_DEVICES", "1") or 1))
+    except ValueError:
+        pass
+    return max([1] + counts)
+
+
 def apply_cpu_defaults(environ=None) -> dict:
     """Append :data:`FLAG` to ``environ["XLA_FLAGS"]`` under the conditions in the module docstring.
 
@@ -74,6 +94,10 @@ def apply_cpu_defaults(environ=None) -> dict:
     elif version is None or version not in VERIFIED_JAXLIB:
         state = {"applied": False,
                  "reason": f"jaxlib {version} is not one of the verified versions {list(VERIFIED_JAXLIB)}"}
+    elif _forced_cpu_devices(env) > 1:
+        state = {"applied": False,
+                 "reason": f"{_forced_cpu_devices(env)} CPU devices in one process: XLA:CPU's classic convolutions "
+                           f"miscompute programs partitioned over several CPU devices (YNNPACK kept)"}
     else:
         env["XLA_FLAGS"] = (flags + " " + FLAG).strip()
         state = {"applied": True, "reason": "appended to XLA_FLAGS"}

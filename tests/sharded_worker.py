@@ -1,5 +1,6 @@
 """Sharded-vs-single-device checks, run by ``tests/test_sharding.py`` in a fresh interpreter with 8 fake CPU devices
-(``XLA_FLAGS=--xla_force_host_platform_device_count=8`` must be set before JAX starts, so not in the pytest process).
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8`` must be set before JAX starts, so not in the pytest process);
+``sharded_worker.py digits`` runs the XLA:CPU regression case, with 2 devices.
 
 Prints one JSON object: per case the largest absolute difference between :func:`mapreps_jax.sharding.run_sharded`
 and the same function jitted on one device with the same per-image keys, whether they are bitwise equal, the output's
@@ -81,7 +82,7 @@ def _spec(x):
     return str(getattr(s, "spec", s))
 
 
-def _compare(name, fn, model, op, y, *args, out_axis=0, **kw):
+def _compare(name, fn, model, op, y, *args, out_axis=0, mesh=None, **kw):
     t_start = time.perf_counter()
     key = jax.random.PRNGKey(7)
     b = y.shape[0]
@@ -89,10 +90,10 @@ def _compare(name, fn, model, op, y, *args, out_axis=0, **kw):
     traced = {k: v for k, v in kw.items() if not S._is_static(v)}
     ref_fn = jax.jit(lambda k, m, o, yy, a, t: fn(k, m, o, yy, *a, **static, **t))
     ref = ref_fn(mr.image_keys(key, b), model, op, y, args, traced)
-    out = S.run_sharded(fn, key, model, op, y, *args, out_axis=out_axis, **kw)
-    padded = S.run_sharded(fn, key, model, op, y, *args, out_axis=out_axis, trim=False, **kw)
+    out = S.run_sharded(fn, key, model, op, y, *args, out_axis=out_axis, mesh=mesh, **kw)
+    padded = S.run_sharded(fn, key, model, op, y, *args, out_axis=out_axis, mesh=mesh, trim=False, **kw)
     n_cache = len(S._JIT_CACHE)
-    again = S.run_sharded(fn, key, model, op, y, *args, out_axis=out_axis, **kw)
+    again = S.run_sharded(fn, key, model, op, y, *args, out_axis=out_axis, mesh=mesh, **kw)
     leaves_ref, leaves_out = jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(out)
     diff = max(float(jnp.max(jnp.abs(a - r))) for a, r in zip(leaves_out, leaves_ref))
     scale = max(float(jnp.max(jnp.abs(r))) for r in leaves_ref)
@@ -106,14 +107,32 @@ def _compare(name, fn, model, op, y, *args, out_axis=0, **kw):
         "padded_spec": _spec(p0), "out_spec": _spec(leaves_out[0]),
         "trim_equals_padded": all(bool(jnp.array_equal(a, jax.lax.slice_in_dim(p, 0, b, axis=ax)))
                                   for a, p, ax in zip(leaves_out, jax.tree_util.tree_leaves(padded), axes)),
-        "rerun_identical": all(bool(jnp.array_equal(a, c)) for a, c in zip(leaves_out, jax.tree_util.tree_leaves(again))),
+        "rerun_identical": all(bool(jnp.array_equal(a, c))
+                               for a, c in zip(leaves_out, jax.tree_util.tree_leaves(again))),
         "no_new_compile": len(S._JIT_CACHE) == n_cache,
         "finite": all(bool(jnp.all(jnp.isfinite(a))) for a in leaves_out),
         "seconds": round(time.perf_counter() - t_start, 2),
     }
 
 
+def digits_regression():
+    """Regression case of an XLA:CPU miscompile (mapreps_jax/xla_cpu.py), run in a process with exactly 2 CPU
+    devices: with YNNPACK's convolutions off, the first image of each device's rows of 20 Stage-1 steps on the
+    digits ADM (4 images per device) came out wrong by up to 0.6 (with 8 devices in the process it did not show)."""
+    from mapreps_jax.app.digits import make_task, map_config
+
+    digits = mr.load_default_prior()
+    p, dop = make_task("sr4")
+    dx = _images((32, 32, 1), 8, 8)
+    dy = dop.measure(jax.random.PRNGKey(9), dx, p.sigma_y)
+    name, r = _compare("map_estimate/digits/B8", mr.map_estimate, digits, dop, dy, config=map_config(p, 20),
+                       sigma_y=p.sigma_y)
+    print("RESULTS " + json.dumps({"devices": jax.device_count(), name: r, "xla_cpu": mr.cpu_defaults_status()}))
+
+
 def main():
+    if sys.argv[1:] == ["digits"]:
+        return digits_regression()
     # every algorithm at 13 images on 8 devices (padded to 16); MAP-RPS and DPS also at 8 (one per device) and 1
     batches = [int(b) for b in sys.argv[1].split(",")] if len(sys.argv) > 1 else [13, 8, 1]
     results = {"devices": jax.device_count()}
@@ -153,6 +172,7 @@ def main():
     name, r = _compare("sweep_stages/stacked/B13", S.sweep_stages, pix, mixed, y, jnp.asarray([0, 100, 300]),
                        map_config=map_cfg, sampler=dps_step, sigma_y=SIGMA_Y, n_steps=3, out_axis=(0, 1))
     results[name] = r
+    results["xla_cpu"] = mr.cpu_defaults_status()
     print("RESULTS " + json.dumps(results))
 
 

@@ -55,6 +55,17 @@ def _check_run(rc, out):
                for e in (v if isinstance(v, list) else [v]) if isinstance(e, dict) and "digit_fd" in e]
     assert entries and all(e["digit_kid_se"] > 0 and isinstance(e["digit_kid"], float) for e in entries)
     assert m["digit_kid_clean_se"] > 0
+    # grey-W1 (the plot's perception index) with its standard error, and RMSE's standard error, in every entry
+    assert all(e["grey_w1"] >= 0 and e["grey_w1_se"] > 0 and e["rmse_se"] > 0 for e in entries)
+    assert 0 <= m["grey_w1_clean"] < 0.01  # the clean digits: only the small-set bias
+    for r in m["tasks"].values():
+        for sweep in ("map_rps", "lmap_rps"):
+            if sweep in r:  # the trade-off summary recomputes from the sweep's own points
+                t, pts = r[f"{sweep}_tradeoff"], {p["t0"]: p for p in r[sweep]}
+                assert t["knee_t0"] == min((p for p in r[sweep] if p["t0"]), key=lambda p: p["grey_w1"])["t0"]
+                assert t["perception_fall"] == pytest.approx(pts[0]["grey_w1"] - pts[t["knee_t0"]]["grey_w1"])
+                assert t["resolved"] == (pts[0]["grey_w1"] - 2 * pts[0]["grey_w1_se"]
+                                         > pts[t["knee_t0"]]["grey_w1"] + 2 * pts[t["knee_t0"]]["grey_w1_se"])
     for name, r in m["tasks"].items():
         pts = r["map_rps"]
         assert [p["t0"] for p in pts] == t0s
@@ -68,10 +79,16 @@ def _check_run(rc, out):
 def test_quick_demo_as_a_user_runs_it(tmp_path):
     """Exactly `mapreps demo --quick --out DIR` (12 digits per task, both spaces). Its digit-FD is not asserted: at
     12 images the clean digits themselves score about 500 and the direction of a digit-FD difference is noise
-    (README)."""
+    (README); its grey-W1, the plot's index, is (measured: the fall from t0 = 0 to the knee is 10 to 14 standard
+    errors for sr4 and deblur)."""
     out = tmp_path / "out"
     m = _check_run(main(["demo", "--quick", "--out", str(out), "--quiet"]), out)
     assert m["config"]["n_images"] == 12 and m["config"]["space"] == "both"
+    # what the plot is for: at the run's own 12 digits, the perception gain of MAP-RPS from t0 = 0 to the knee is
+    # resolved (grey-W1's 2-standard-error bars disjoint) for super-resolution and deblurring
+    for name in ("sr4", "deblur"):
+        t = m["tasks"][name]["map_rps_tradeoff"]
+        assert t["resolved"] and t["knee_t0"] > 0, (name, t)
     for r in m["tasks"].values():
         assert [p["t0"] for p in r["lmap_rps"]] == m["config"]["t0"]
         assert {"latent_dps", "psld"} <= set(r)

@@ -25,11 +25,18 @@ N_GOOD = 5
 
 
 def _env(devices):
+    """The child's environment: ``devices`` CPU devices, without the package's CPU flag (this process's XLA_FLAGS
+    carry it since its import)."""
+    from mapreps_jax import xla_cpu
+
     env = dict(os.environ)
-    flags = env.get("XLA_FLAGS", "")
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if f != xla_cpu.FLAG]
     if devices > 1:
-        flags += f" --xla_force_host_platform_device_count={devices}"
-    env["XLA_FLAGS"] = flags.strip()
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env["XLA_FLAGS"] = " ".join(flags)
+    # the same XLA:CPU kernels in every run (one process with two devices keeps YNNPACK, mapreps_jax/xla_cpu.py;
+    # a process with one device would not): byte identity is between runs of the same kernels
+    env["MAPREPS_JAX_XLA_DEFAULTS"] = "0"
     return env
 
 

@@ -9,6 +9,11 @@ Reference: the same function under ``jax.jit`` on one device, with the same per-
 equal (the partitioned program evaluates the network on another per-device batch, which changes float rounding):
 measured differences are at most 1.1e-6 on outputs of scale 1 to 3 (after 8 Stage-1 and 4 to 8 sampler steps of a
 random network); the bound is 1e-5. A key or a padded row leaking into another image moves outputs by O(1).
+
+One more case is a regression test of an XLA:CPU miscompile: 20 Stage-1 steps of the bundled digits ADM on 8
+images over 2 devices (a process with 2 devices). With YNNPACK's convolutions off (the package's single-device CPU flag) the first image
+of each device's rows differed by up to 0.6; the package now leaves the flag out when a process has several CPU
+devices (``mapreps_jax/xla_cpu.py``), and this case matches to the same bound.
 """
 
 import json
@@ -22,22 +27,39 @@ import numpy as np
 import pytest
 
 import mapreps_jax as mr
-from mapreps_jax import sharding as S
+from mapreps_jax import sharding as S, xla_cpu
 from mapreps_jax.validation import check_finite
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def sharded_results():
+def _worker(devices, *args):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "sharded_worker.py")], env=env, capture_output=True,
-                          text=True, timeout=900, cwd=os.path.dirname(HERE))
+    # this process's XLA_FLAGS carry the package's single-device CPU flag (added at import); the child asks for its
+    # devices and lets the package decide again
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if f != xla_cpu.FLAG]
+    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "sharded_worker.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=900, cwd=os.path.dirname(HERE))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
     assert proc.returncode == 0 and lines, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return json.loads(lines[-1][len("RESULTS "):])
+
+
+@pytest.fixture(scope="module")
+def sharded_results():
+    return _worker(8)
+
+
+def test_xla_cpu_miscompile_regression():
+    """20 Stage-1 steps of the bundled digits ADM, 8 images on 2 CPU devices: equal to one device. With the
+    package's single-device CPU flag forced on, the first image of each device's rows was off by 0.04 to 0.6, not
+    reproducibly (mapreps_jax/xla_cpu.py); the package leaves the flag out for several CPU devices."""
+    r = _worker(2, "digits")
+    assert r["devices"] == 2 and not r["xla_cpu"]["effective"]
+    case = r["map_estimate/digits/B8"]
+    assert case["max_abs_diff"] <= TOL and case["out_spec"] == "P('batch',)", case
 
 
 CASES = ["map_rps/pixel/B13", "dps/B13", "red_diff/B13", "map_rps/latent/B13", "map_rps/pixel/B8", "dps/B8",
@@ -46,6 +68,8 @@ CASES = ["map_rps/pixel/B13", "dps/B13", "red_diff/B13", "map_rps/latent/B13", "
 
 def test_eight_devices(sharded_results):
     assert sharded_results["devices"] == 8
+    # several CPU devices in one process: the package leaves YNNPACK on (its flag miscomputes partitioned programs)
+    assert not sharded_results["xla_cpu"]["effective"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -53,11 +77,12 @@ def test_sharded_equals_single_device(sharded_results, case):
     r = sharded_results[case]
     assert r["shape_ok"] and r["finite"]
     assert r["max_abs_diff"] <= TOL, r
+    n_dev = 8
     # the padded outputs stay sharded over the batch axis (one row block per device) ...
-    assert r["padded_rows"] == S.padded_size(r["batch"], 8)
+    assert r["padded_rows"] == S.padded_size(r["batch"], n_dev)
     assert r["padded_spec"] == "P('batch',)"
     # ... and an evenly divisible batch keeps that sharding after the (no-op) trim
-    if r["batch"] % 8 == 0:
+    if r["batch"] % n_dev == 0:
         assert r["out_spec"] == "P('batch',)"
     # trimming returns exactly the first B rows of the padded computation; a second call reuses the compiled program
     # and gives identical outputs

@@ -42,6 +42,35 @@ def test_unverified_jaxlib_left_alone(monkeypatch):
     assert "XLA_FLAGS" not in env and not rec["applied"] and "(0, 99)" in rec["reason"]
 
 
+def test_several_cpu_devices_keep_ynnpack():
+    """XLA:CPU's classic convolutions miscompute programs partitioned over several CPU devices of one process
+    (``tests/sharded_worker.py`` holds the regression case): with more than one CPU device asked for, the flag is not
+    added."""
+    if not VERIFIED:
+        pytest.skip("nothing is added on an unverified jaxlib")
+    for env in ({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, {"JAX_NUM_CPU_DEVICES": "2"}):
+        before = dict(env)
+        rec = xla_cpu.apply_cpu_defaults(env)
+        assert env == before and not rec["applied"] and "CPU devices in one process" in rec["reason"]
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    assert xla_cpu.apply_cpu_defaults(env)["applied"]
+
+
+def test_run_sharded_refuses_several_cpu_devices_with_the_flag():
+    """The user forced the flag and two CPU devices: ``run_sharded`` refuses instead of computing wrong numbers."""
+    code = ("import mapreps_jax as mr, jax, jax.numpy as jnp\n"
+            "m = mr.GaussianPrior.isotropic(4, 1.0).score_model(mr.make_schedule('linear'))\n"
+            "op = mr.make_operator('mask', (4,), keep=2, seed=0)\n"
+            "try:\n"
+            "    mr.run_sharded(mr.dps, jax.random.PRNGKey(0), m, op, jnp.zeros((4, 2)), n_steps=2)\n"
+            "except RuntimeError as e:\n"
+            "    print('REFUSED', e)\n")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {xla_cpu.FLAG}")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert "REFUSED" in proc.stdout and "2 CPU devices" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
 _PROBE = r"""
 import json, sys
 import numpy as np

@@ -22,15 +22,20 @@ Latent space (the bundled latent digits model, KL autoencoder 32x32x1 <-> 8x8x4 
 
 All tasks run as ONE batch through :func:`~mapreps_jax.operators.stack_operators` (one compiled program per
 algorithm for all tasks; per-image ``sigma_y``, ``w``, ``eta``, ``t1``, ``lr`` and ``zeta``). Distortion is RMSE on
-[0, 1] (mean over images); perception is digit-FD to the 500 held-out digits (:mod:`~mapreps_jax.app.perception`; not
-FID, biased upwards for small sets: ``digit_fd_clean`` reports the value of the clean images themselves at the same
-set size). NFE per image (:func:`nfe_budget`): MAP-RPS sweep ``N + sum_t0 min(K, t0)``, DPS ``K``, RED-diff ``S``;
-LMAP-RPS sweep ``N_l + sum_t0 min(K_l, t0)``, Latent-DPS and PSLD ``K_l`` UNet calls, with the decoder and encoder
+[0, 1] (mean over images, with its standard error over images). Perception, all to the 500 held-out digits
+(:mod:`~mapreps_jax.app.perception`): **grey-W1** (the W1 distance between the images' grey levels, with a jackknife
+standard error; the index the plot uses, because it resolves the D-P trade-off at 16 digits), digit-FD (not FID;
+biased upwards for small sets: ``digit_fd_clean`` is the clean images' own value at the same set size) and digit-KID
+(unbiased, with a jackknife standard error); ``docs/digit_index_power.json`` measures which of them resolves what at
+16, 32 and 64 digits. Each sweep also gets a ``tradeoff`` summary: the knee (the ``t0`` of lowest grey-W1), the
+grey-W1 fall from ``t0 = 0`` to it and the paired RMSE rise, each with its standard error, and whether the two
+points' error bars (2 standard errors) are disjoint. NFE per image (:func:`nfe_budget`): MAP-RPS sweep
+``N + sum_t0 min(K, t0)``, DPS ``K``, RED-diff ``S``; LMAP-RPS sweep ``N_l + sum_t0 min(K_l, t0)``, Latent-DPS and PSLD ``K_l`` UNet calls, with the decoder and encoder
 forwards under ``nfe["latent"]["calls"]``.
 
-Outputs (:func:`write_demo`): ``dp_curve.png`` (RMSE against digit-FD, one line or point per method, ``t0``
-labelled), ``grid.png`` (truth, measurement, MAP, each ``t0``, DPS, RED-diff; a second row per digit for the latent
-methods), ``metrics.json``; written as a unit (a temporary folder beside ``out_dir``, renamed into place: never a mix
+Outputs (:func:`write_demo`): ``dp_curve.png`` (RMSE against grey-W1 with 2-standard-error bars, one line or point
+per method, ``t0`` labelled), ``grid.png`` (truth, measurement, MAP, each ``t0``, DPS, RED-diff; a second row per
+digit for the latent methods), ``metrics.json``; written as a unit (a temporary folder beside ``out_dir``, renamed into place: never a mix
 of two runs), into a new or empty folder, or with ``overwrite`` over a previous demo output
 (:func:`mapreps_jax.checkpoint_io.write_output_set`).
 """
@@ -57,7 +62,7 @@ from ..rng import image_keys
 from ..samplers import DPSStep, PSLDStep
 
 __all__ = ["DemoConfig", "QUICK", "FD_MIN_IMAGES", "DEMO_FILES", "run_demo", "write_demo", "demo_figures",
-           "dp_curve_figure", "figure_png", "nfe_budget", "is_demo_file", "dumps_json"]
+           "dp_curve_figure", "figure_png", "nfe_budget", "is_demo_file", "dumps_json", "tradeoff_summary"]
 
 DEMO_FILES = ("dp_curve.png", "grid.png", "metrics.json")
 
@@ -202,7 +207,7 @@ def run_demo(model, cfg: DemoConfig = DemoConfig(), progress: Optional[Callable[
     evaluations done so far (per image; the total is ``nfe_budget(cfg)["total"]``).
     """
     from .datasets import load_digits, to_model_range
-    from .perception import digit_fd, digit_kid
+    from .perception import digit_fd, digit_kid, grey_w1
 
     def _kid_or_none(imgs):
         return digit_kid(imgs) if imgs.shape[0] >= 3 else (None, None)
@@ -237,8 +242,11 @@ def run_demo(model, cfg: DemoConfig = DemoConfig(), progress: Optional[Callable[
             progress(done, label)
 
     def score(imgs, sl):
-        out = {"rmse": float(jnp.mean(rmse(imgs[sl], x))), "digit_fd": float(digit_fd(imgs[sl]))}
+        r = np.asarray(rmse(imgs[sl], x), np.float64)
+        out = {"rmse": float(r.mean()), "rmse_se": float(r.std(ddof=1) / np.sqrt(r.size)) if r.size > 1 else None,
+               "digit_fd": float(digit_fd(imgs[sl]))}
         out["digit_kid"], out["digit_kid_se"] = _kid_or_none(imgs[sl])
+        out["grey_w1"], out["grey_w1_se"] = grey_w1(np.asarray(imgs[sl]))
         return out
 
     tasks = {name: {"description": p.description, "operator": o.name, "sigma_y": p.sigma_y}
@@ -256,20 +264,57 @@ def run_demo(model, cfg: DemoConfig = DemoConfig(), progress: Optional[Callable[
         lt, sweep_calls = _run_latent(latent_model, cfg, setup, tick, score, tasks, images)
         timings.update(lt)
         nfe["latent"]["calls"]["lmap_rps_sweep"] = sweep_calls  # as dp_sweep reports it
+    for name in cfg.tasks:
+        for sweep_key in ("map_rps", "lmap_rps"):
+            if sweep_key in tasks[name]:
+                tasks[name][f"{sweep_key}_tradeoff"] = tradeoff_summary(
+                    tasks[name][sweep_key], images[name][sweep_key], images[name]["truth"])
     metrics = {
         "config": {**dataclasses.asdict(cfg), "tasks": list(cfg.tasks), "t0": list(cfg.t0)},
         "digit_fd_clean": float(digit_fd(x)),
         **dict(zip(("digit_kid_clean", "digit_kid_clean_se"), _kid_or_none(x))),
+        **dict(zip(("grey_w1_clean", "grey_w1_clean_se"), grey_w1(np.asarray(x)))),
         "tasks": tasks, "nfe": nfe,
         "seconds": {**{k_: round(v, 2) for k_, v in timings.items()},
                     "total": round(time.perf_counter() - t_start, 2)},
         "model": model.name if pixel else None, "latent_model": latent_model.name if latent else None,
         "backend": jax.default_backend(), "machine": machine_info(),
-        "units": "RMSE on [0, 1] (mean over images); digit-FD to the 500 held-out digits (lower is better); "
-                 "digit-KID: unbiased MMD^2 of the same features to the same digits, with its jackknife standard error "
-                 "(lower is better; null below 3 images)",
+        "units": "RMSE on [0, 1] (mean over images, rmse_se its standard error over images); grey_w1: W1 distance "
+                 "between the grey levels mean(1 - x^2) of the outputs and of the 500 held-out digits, with its "
+                 "jackknife standard error (lower is better; the plot's perception axis); digit-FD to the same "
+                 "digits (lower is better); digit-KID: unbiased MMD^2 of the classifier features to the same digits, "
+                 "with its jackknife standard error (lower is better; null below 3 images)",
     }
     return {"metrics": metrics, "images": images}
+
+
+def tradeoff_summary(points: list, outputs, truth, n_se: float = 2.0) -> dict:
+    """The D-P trade-off of one ``t0`` sweep, measured: ``points`` the sweep's scores (``t0``, ``grey_w1``,
+    ``grey_w1_se``, ...), ``outputs [n_t0, n, ...]`` its images and ``truth [n, ...]``.
+
+    ``knee_t0``: the ``t0`` of lowest grey-W1 (the start of the curve's flat part); ``perception_fall`` grey-W1 at
+    ``t0 = 0`` minus at the knee, with the standard error of the two independent jackknife errors combined;
+    ``rmse_rise`` the mean over images of the per-image RMSE at the knee minus at ``t0 = 0`` (paired: the same
+    digits), with its standard error; ``resolved``: the ``n_se``-standard-error bars of grey-W1 at ``t0 = 0`` and at
+    the knee are disjoint (what the plot shows)."""
+    t0s = [int(p["t0"]) for p in points]
+    if 0 not in t0s or len(t0s) < 2:
+        return {"knee_t0": None, "resolved": False}
+    i0 = t0s.index(0)
+    ik = min((i for i in range(len(points)) if t0s[i] != 0), key=lambda i: points[i]["grey_w1"])
+    p0, pk = points[i0], points[ik]
+    fall = p0["grey_w1"] - pk["grey_w1"]
+    fall_se = float(np.hypot(p0["grey_w1_se"], pk["grey_w1_se"]))
+    out = np.asarray(outputs, np.float64)
+    tr = np.asarray(truth, np.float64)
+    axes = tuple(range(1, tr.ndim))
+    r0 = np.sqrt(np.mean(((out[i0] + 1) / 2 - (tr + 1) / 2) ** 2, axis=axes))
+    rk = np.sqrt(np.mean(((out[ik] + 1) / 2 - (tr + 1) / 2) ** 2, axis=axes))
+    d = rk - r0
+    rise_se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else None
+    resolved = (p0["grey_w1"] - n_se * p0["grey_w1_se"]) > (pk["grey_w1"] + n_se * pk["grey_w1_se"])
+    return {"index": "grey_w1", "knee_t0": t0s[ik], "perception_fall": float(fall), "perception_fall_se": fall_se,
+            "rmse_rise": float(d.mean()), "rmse_rise_se": rise_se, "error_bar_se": n_se, "resolved": bool(resolved)}
 
 
 def cpu_model():
@@ -421,51 +466,9 @@ _CURVES = (("map_rps", "MAP-RPS"), ("lmap_rps", "LMAP-RPS"))
 _POINTS = (("dps", "DPS"), ("red_diff", "RED-diff"), ("latent_dps", "Latent-DPS"), ("psld", "PSLD"))
 
 
-def _nice_log_ticks(lo: float, hi: float, max_ticks: int = 6) -> list:
-    """A few readable tick values in ``[lo, hi]`` for a log axis: the coarsest of the mantissa sets (1, 2, 5) and
-    (1, 1.5, 2, 3, 5, 7) giving at least 3 ticks (decades, thinned, when even (1, 2, 5) gives more than
-    ``max_ticks``); evenly spaced round numbers for a narrow range."""
-    import math
-
-    if not (lo > 0 and hi > lo and math.isfinite(lo) and math.isfinite(hi)):
-        return []
-    k0, k1 = math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1
-
-    def ticks(mants):
-        return sorted({round(m * 10.0 ** k, 12) for k in range(k0, k1 + 1) for m in mants
-                       if lo <= m * 10.0 ** k <= hi})
-
-    coarse = ticks((1, 2, 5))
-    if len(coarse) > max_ticks:
-        dec = ticks((1,))
-        step = max(1, math.ceil(len(dec) / max_ticks))
-        return dec[::step] if len(dec) >= 2 else coarse[:: math.ceil(len(coarse) / max_ticks)]
-    for mants in ((1, 2, 5), (1, 1.5, 2, 3, 5, 7)):
-        t = ticks(mants)
-        if len(t) >= 3:
-            return t if len(t) <= max_ticks else t[:: math.ceil(len(t) / max_ticks)]
-    from matplotlib.ticker import MaxNLocator  # under about a factor 3: evenly spaced round numbers
-
-    return [float(v) for v in MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi) if lo <= v <= hi]
-
-
-def _readable_log_xaxis(ax) -> None:
-    """Plain-number major ticks (``30``, ``50``, ``100``) on a log x axis and no minor tick labels: matplotlib's
-    default labels every minor tick as ``3 x 10^1`` when the axis spans less than a decade or two, and they
-    overlap."""
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
-
-    lo, hi = ax.get_xlim()
-    ticks = _nice_log_ticks(min(lo, hi), max(lo, hi))
-    if ticks:
-        ax.xaxis.set_major_locator(FixedLocator(ticks))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlim(lo, hi)
-
-
 def dp_curve_figure(metrics: dict):
-    """The ``dp_curve.png`` figure (one panel per task: RMSE against digit-FD) from ``metrics.json`` contents."""
+    """The ``dp_curve.png`` figure from ``metrics.json`` contents: one panel per task, RMSE against grey-W1 (the
+    perception index with power at the demo's set sizes), each point with 2-standard-error bars on both axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -475,36 +478,44 @@ def dp_curve_figure(metrics: dict):
     names = list(m["tasks"])
     ncol = min(len(names), 2)
     nrow = (len(names) + ncol - 1) // ncol
-    fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 4.0 * nrow), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.4 * ncol, 4.2 * nrow), dpi=110, squeeze=False)
+
+    def bars(pts):
+        xe = [2 * (p.get("grey_w1_se") or 0.0) for p in pts]
+        ye = [2 * (p.get("rmse_se") or 0.0) for p in pts]
+        return xe, ye
+
     for ax, name in zip(axes.ravel(), names):
         r = m["tasks"][name]
         for key_, label in _CURVES:
             if key_ not in r:
                 continue
             pts = r[key_]
-            ax.plot([p["digit_fd"] for p in pts], [p["rmse"] for p in pts], label=f"{label} (t0 sweep)",
-                    **_METHOD_STYLE[label])
+            xe, ye = bars(pts)
+            ax.errorbar([p["grey_w1"] for p in pts], [p["rmse"] for p in pts], xerr=xe, yerr=ye, capsize=2,
+                        elinewidth=0.8, label=f"{label} (t0 sweep)", **_METHOD_STYLE[label])
             for p in pts:
-                ax.annotate(f"t0={p['t0']}", (p["digit_fd"], p["rmse"]), textcoords="offset points", xytext=(5, 4),
+                ax.annotate(f"t0={p['t0']}", (p["grey_w1"], p["rmse"]), textcoords="offset points", xytext=(5, 4),
                             fontsize=7, color=_METHOD_STYLE[label]["color"])
         for key_, label in _POINTS:
             if key_ in r:
                 style = {k_: v for k_, v in _METHOD_STYLE[label].items() if k_ != "ls"}
-                ax.plot([r[key_]["digit_fd"]], [r[key_]["rmse"]], linestyle="none", label=label, **style)
-        ax.axvline(m["digit_fd_clean"], color="gray", lw=0.8, ls=":", label="clean digits (same n)")
-        ax.set_xscale("log")
-        _readable_log_xaxis(ax)
+                xe, ye = bars([r[key_]])
+                ax.errorbar([r[key_]["grey_w1"]], [r[key_]["rmse"]], xerr=xe, yerr=ye, capsize=2, elinewidth=0.8,
+                            linestyle="none", label=label, **style)
+        clean = m.get("grey_w1_clean")
+        if clean is not None:
+            ax.axvline(clean, color="gray", lw=0.8, ls=":", label="clean digits (same n)")
+        ax.set_xlim(left=0.0)  # linear: symmetric error bars read as they are (a log axis stretches them near 0)
         ax.set_title(f"{name}: {r['description']}, sigma_y={r['sigma_y']}", fontsize=9)
-        ax.set_xlabel("digit-FD to held-out digits (perception, lower is better)")
+        ax.set_xlabel("grey-W1 to held-out digits (perception, lower is better)")
         ax.set_ylabel("RMSE on [0, 1] (distortion)")
         ax.legend(fontsize=7)
     for ax in axes.ravel()[len(names):]:
         ax.axis("off")
     n_img = m["config"]["n_images"]
-    title = f"Distortion-perception traversal, {n_img} held-out digits per task"
-    if n_img < FD_MIN_IMAGES:  # README, "Statistical power"
-        title += f"\n(digit-FD of fewer than {FD_MIN_IMAGES} images is dominated by small-sample noise: indicative only)"
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(f"Distortion-perception traversal, {n_img} held-out digits per task; error bars: 2 standard errors "
+                 f"over the digits", fontsize=10)
     fig.tight_layout()
     return fig
 
