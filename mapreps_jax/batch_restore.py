@@ -243,9 +243,9 @@ def restore_batch(job: BatchJob, inputs: str, out_dir: str, t0s: Sequence[int], 
     stems = [_stem(f) for f in files]
     mesh = batch_mesh() if mesh is None else mesh
     n_dev = int(mesh.devices.size)
-    bs = n_dev * max(1, -(-int(batch_size) // n_dev)) if batch_size else max(n_dev, 8)
     if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"restore-batch: --batch-size must be >= 1, got {batch_size}")
+    bs = n_dev * -(-int(batch_size) // n_dev) if batch_size else max(n_dev, 8)
     n_batches = -(-len(files) // bs)
     os.makedirs(out_dir, exist_ok=True)
     results_path = os.path.join(out_dir, RESULTS_FILE)
@@ -268,7 +268,7 @@ def restore_batch(job: BatchJob, inputs: str, out_dir: str, t0s: Sequence[int], 
         bar = tqdm(total=len(files), desc="restore-batch", unit="img", file=sys.stderr, leave=True)
     t_start = time.perf_counter()
 
-    def finished_any(i):
+    def finished_any(i):  # every output PNG and results line of input i exists
         return _finished(out_dir, stems[i], names[i], t0s, done)
 
     for j in range(n_batches):
@@ -292,10 +292,7 @@ def restore_batch(job: BatchJob, inputs: str, out_dir: str, t0s: Sequence[int], 
                         _append_lines(results_path, [{"file": names[i], "error": str(e)}])
                         done[(names[i], None)] = {}
 
-        def finished(i):
-            return _finished(out_dir, stems[i], names[i], t0s, done)
-
-        need = _any_process(any(not finished(i) for i in data))
+        need = _any_process(any(not finished_any(i) for i in data))
         if not need:
             skipped += len(data)
             if bar is not None:
