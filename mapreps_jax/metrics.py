@@ -26,7 +26,7 @@ import numpy as np
 
 from .validation import check_finite
 
-__all__ = ["rmse", "psnr", "ssim", "frechet_distance", "sliced_w2", "mmd"]
+__all__ = ["rmse", "psnr", "ssim", "frechet_distance", "frechet_from_statistics", "sliced_w2", "mmd"]
 
 
 def _is_concrete(x) -> bool:
@@ -91,20 +91,25 @@ def _sample_sets(X, Y, numpy: bool = False, where: str = "metrics"):
     return X, Y
 
 
+def frechet_from_statistics(mu1, s1, mu2, s2) -> float:
+    """Fréchet distance ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^{1/2} S2 S1^{1/2})^{1/2})`` between ``N(mu1, S1)`` and
+    ``N(mu2, S2)`` (PSD covariances), float64. ``tr (S1 S2)^{1/2} = sum_i sqrt(lambda_i(A S2 A))`` with
+    ``A = S1^{1/2}`` (``S1 S2`` is similar to the PSD ``A S2 A``): symmetric eigendecompositions (``eigh``, negative
+    eigenvalues of round-off clipped to 0) instead of a non-symmetric matrix square root."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.atleast_2d(np.asarray(s1, np.float64)), np.atleast_2d(np.asarray(s2, np.float64))
+    ev1, V1 = np.linalg.eigh(0.5 * (s1 + s1.T))
+    r1 = (V1 * np.sqrt(np.clip(ev1, 0.0, None))) @ V1.T
+    M = r1 @ s2 @ r1
+    tr_cross = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh(0.5 * (M + M.T)), 0.0, None)))
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2.0 * tr_cross)
+
+
 def frechet_distance(feats1, feats2) -> float:
     """Fréchet distance (squared Gaussian W2, as in FID) between the Gaussians fitted to ``feats1 [n, d]`` and
-    ``feats2 [m, d]`` (means and unbiased covariances), in float64:
-    ``|m1 - m2|^2 + tr(S1 + S2 - 2 (S1^{1/2} S2 S1^{1/2})^{1/2})``; the matrix roots use ``eigh`` (PSD-clipped)."""
+    ``feats2 [m, d]`` (means and unbiased covariances), in float64: :func:`frechet_from_statistics`."""
     f1, f2 = _sample_sets(feats1, feats2, numpy=True, where="frechet_distance")
-    m1, m2 = f1.mean(0), f2.mean(0)
-    S1 = np.atleast_2d(np.cov(f1, rowvar=False))
-    S2 = np.atleast_2d(np.cov(f2, rowvar=False))
-    ev1, V1 = np.linalg.eigh(S1)
-    r1 = (V1 * np.sqrt(np.clip(ev1, 0.0, None))) @ V1.T
-    M = r1 @ S2 @ r1
-    evm = np.linalg.eigvalsh(0.5 * (M + M.T))
-    tr_cross = np.sum(np.sqrt(np.clip(evm, 0.0, None)))
-    return float(np.sum((m1 - m2) ** 2) + np.trace(S1) + np.trace(S2) - 2.0 * tr_cross)
+    return frechet_from_statistics(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))
 
 
 def _w2sq_1d_sorted(xs, ys):

@@ -94,23 +94,13 @@ def feature_statistics(feats) -> Tuple[np.ndarray, np.ndarray]:
     return f.mean(0), np.cov(f, rowvar=False)
 
 
-def _sqrtm_psd(s: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh((s + s.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-
-
 def _frechet(mu1, s1, mu2, s2) -> float:
-    """``||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2})`` for PSD ``S1, S2`` (float64).
+    """digit-FD from statistics (for the cached held-out reference):
+    :func:`mapreps_jax.metrics.frechet_from_statistics`, clipped at 0 (round-off can make equal laws slightly
+    negative)."""
+    from ..metrics import frechet_from_statistics
 
-    ``Tr (S1 S2)^{1/2} = sum_i sqrt(lambda_i(A S2 A))`` with ``A = S1^{1/2}`` (``S1 S2`` is similar to the PSD
-    ``A S2 A``), which avoids a non-symmetric matrix square root. Works from statistics (for the cached held-out
-    reference); :func:`mapreps_jax.metrics.frechet_distance` computes the same quantity from feature sets.
-    """
-    a = _sqrtm_psd(s1)
-    m = a @ s2 @ a
-    tr_sqrt = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)))
-    d = float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2.0 * tr_sqrt)
-    return max(d, 0.0)
+    return max(frechet_from_statistics(mu1, s1, mu2, s2), 0.0)
 
 
 def frechet_distance_from_features(f1, f2) -> float:
