@@ -52,6 +52,7 @@ import optax  # noqa: E402
 from flax import serialization  # noqa: E402
 
 from mapreps_jax.app.datasets import load_digits, to_model_range  # noqa: E402
+from mapreps_jax.app.training import ddpm_train_step  # noqa: E402
 from mapreps_jax.diffusion import make_schedule  # noqa: E402
 from mapreps_jax.networks.adm import ADMConfig, adm_apply, count_params, init_adm_params  # noqa: E402
 from mapreps_jax.checkpoint_io import (default_checkpoint_dir, restore_pytree, save_pytree,  # noqa: E402
@@ -129,8 +130,6 @@ def main(argv=None) -> int:
     config = make_config(a)
     schedule = make_schedule("linear", T=1000)
     T = schedule.T
-    sqrt_ab = jnp.sqrt(schedule.alpha_bar_ext[1:])  # alpha_bar[t], t = 0..T-1
-    sqrt_1m_ab = jnp.sqrt(1.0 - schedule.alpha_bar_ext[1:])
 
     x_train = jnp.asarray(to_model_range(load_digits("train")[0]))
     n = x_train.shape[0]
@@ -176,27 +175,9 @@ def main(argv=None) -> int:
           f"{steps_per_epoch} steps/epoch", flush=True)
 
     # ---------------------------------------------------------------- step
-    def loss_fn(p, x0, t, eps):
-        xt = sqrt_ab[t][:, None, None, None] * x0 + sqrt_1m_ab[t][:, None, None, None] * eps
-        pred = adm_apply(config, p, xt, t)
-        return jnp.mean(jnp.square(pred - eps))
-
-    @jax.jit
-    def train_step(params, ema, opt_state, step, perm):
-        key = jax.random.fold_in(base_key, step)
-        k_t, k_eps = jax.random.split(key)
-        i = step % steps_per_epoch
-        idx = jax.lax.dynamic_slice_in_dim(perm, i * a.batch, a.batch)
-        x0 = x_train[idx]
-        t = jax.random.randint(k_t, (a.batch,), 0, T)
-        eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
-        loss, g = jax.value_and_grad(loss_fn)(params, x0, t, eps)
-        gnorm = optax.global_norm(g)
-        upd, opt_state = opt.update(g, opt_state, params)
-        params = optax.apply_updates(params, upd)
-        d = jnp.minimum(a.ema, (1.0 + step) / (10.0 + step))
-        ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
-        return params, ema, opt_state, loss, gnorm
+    train_step = ddpm_train_step(lambda p, xt, t: adm_apply(config, p, xt, t), opt, x_train, batch=a.batch,
+                                 steps_per_epoch=steps_per_epoch, alpha_bar=schedule.alpha_bar_ext[1:], ema=a.ema,
+                                 key=base_key)  # alpha_bar[t], t = 0..T-1
 
     def epoch_perm(e):
         return jax.random.permutation(jax.random.fold_in(data_key, e), n)

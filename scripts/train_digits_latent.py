@@ -62,6 +62,7 @@ import optax  # noqa: E402
 from flax import serialization  # noqa: E402
 
 from mapreps_jax.app.datasets import load_digits, to_model_range  # noqa: E402
+from mapreps_jax.app.training import ddpm_train_step  # noqa: E402
 from mapreps_jax.checkpoint_io import (default_checkpoint_dir, restore_pytree, save_pytree,  # noqa: E402
                                        write_text_atomic)
 from mapreps_jax.diffusion import make_schedule  # noqa: E402
@@ -428,9 +429,6 @@ def train_unet(a) -> int:
     z_train = jnp.asarray(lat)
     n = z_train.shape[0]
     schedule = make_schedule("linear", T=1000)
-    T = schedule.T
-    sqrt_ab = jnp.sqrt(schedule.alpha_bar_ext[1:])
-    sqrt_1m_ab = jnp.sqrt(1.0 - schedule.alpha_bar_ext[1:])
     k_step, k_data, k_init = phase_keys(a, "unet")
     opt, lr_fn = make_opt(a)
     tr = Trainer(a, "unet", config.to_dict(), zero_init_outputs(init_adm_params(k_init, config)), opt, lr_fn, n,
@@ -439,23 +437,12 @@ def train_unet(a) -> int:
     print(f"ADM {config.to_dict()}\n{count_params(tr.params) / 1e6:.3f}M parameters, backend "
           f"{jax.default_backend()}, {tr.steps_per_epoch} steps/epoch", flush=True)
 
-    def loss_fn(p, z0, t, eps):
-        zt = sqrt_ab[t][:, None, None, None] * z0 + sqrt_1m_ab[t][:, None, None, None] * eps
-        return jnp.mean(jnp.square(adm_apply(config, p, zt, t) - eps))
+    step = ddpm_train_step(lambda p, zt, t: adm_apply(config, p, zt, t), opt, z_train, batch=a.batch,
+                           steps_per_epoch=tr.steps_per_epoch, alpha_bar=schedule.alpha_bar_ext[1:], ema=a.ema,
+                           key=k_step)
 
-    @jax.jit
-    def train_step(params, ema, opt_state, step, perm):
-        k_t, k_eps = jax.random.split(jax.random.fold_in(k_step, step))
-        i = step % tr.steps_per_epoch
-        z0 = z_train[jax.lax.dynamic_slice_in_dim(perm, i * a.batch, a.batch)]
-        t = jax.random.randint(k_t, (a.batch,), 0, T)
-        eps = jax.random.normal(k_eps, z0.shape, jnp.float32)
-        loss, g = jax.value_and_grad(loss_fn)(params, z0, t, eps)
-        gnorm = optax.global_norm(g)
-        upd, opt_state = opt.update(g, opt_state, params)
-        params = optax.apply_updates(params, upd)
-        d = jnp.minimum(a.ema, (1.0 + step) / (10.0 + step))
-        ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+    def train_step(params, ema, opt_state, step_i, perm):
+        params, ema, opt_state, loss, gnorm = step(params, ema, opt_state, step_i, perm)
         return params, ema, opt_state, {"loss": loss, "gnorm": gnorm}
 
     return tr.run(train_step, k_data)
