@@ -250,28 +250,30 @@ def _boxes_overlap(a, b):
     return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
 
 
-def _squeeze_fd(metrics, lo=900.0, hi=1330.0):
-    """The same metrics with every panel's digit-FD mapped into [lo, hi] (a small-n quick run's range)."""
+def _squeeze_grey(metrics, lo=0.0101, hi=0.0109):
+    """The same metrics with every panel's grey-W1 mapped into [lo, hi] (long tick labels on a narrow range)."""
     metrics = json.loads(json.dumps(metrics))
     for r in metrics["tasks"].values():
-        pts = r["map_rps"] + [r["dps"], r["red_diff"]]
-        a, b = min(p["digit_fd"] for p in pts), max(p["digit_fd"] for p in pts)
+        pts = [p for k in ("map_rps", "lmap_rps") for p in r.get(k, [])] + [
+            r[k] for k in ("dps", "red_diff", "latent_dps", "psld") if k in r]
+        a, b = min(p["grey_w1"] for p in pts), max(p["grey_w1"] for p in pts)
         for p in pts:
-            p["digit_fd"] = lo + (p["digit_fd"] - a) / (b - a) * (hi - lo)
-    metrics["digit_fd_clean"] = 1270.0
+            p["grey_w1"] = lo + (p["grey_w1"] - a) / (b - a) * (hi - lo)
+            p["grey_w1_se"] = 0.0
+    metrics["grey_w1_clean"] = lo
     return metrics
 
 
 @pytest.mark.parametrize("squeeze", [False, True])
-def test_dp_curve_log_axis_tick_labels_do_not_overlap(squeeze):
-    """The published run's metrics (docs/digits_demo_metrics.json, digit-FD from 29 to 557 in the denoise panel),
-    and the same squeezed into [900, 1330]: every drawn x tick label is a plain number, at least two are drawn,
-    and no two overlap (the default log-axis minor labels, e.g. ``3 x 10^1`` next to ``4 x 10^1``, did)."""
+def test_dp_curve_axis_tick_labels_do_not_overlap(squeeze):
+    """The default run's metrics (docs/digits_demo_default_metrics.json: grey-W1 from 0.003 to 0.27, both spaces),
+    and the same squeezed into [0.0101, 0.0109]: every drawn x tick label is a plain number, at least two are drawn,
+    and no two overlap (the former log axis's default minor labels, e.g. ``3 x 10^1`` next to ``4 x 10^1``, did)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "docs", "digits_demo_metrics.json")) as f:
+    with open(os.path.join(root, "docs", "digits_demo_default_metrics.json")) as f:
         metrics = json.load(f)
     if squeeze:
-        metrics = _squeeze_fd(metrics)
+        metrics = _squeeze_grey(metrics)
     fig = demo_mod.dp_curve_figure(metrics)
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
@@ -282,9 +284,9 @@ def test_dp_curve_log_axis_tick_labels_do_not_overlap(squeeze):
             lab = tick.label1
             if lab.get_visible() and lab.get_text().strip() and lo <= tick.get_loc() <= hi:
                 labels.append(lab)
-        assert 2 <= len(labels) <= 8, [t.get_text() for t in labels]
+        assert 2 <= len(labels) <= 12, [t.get_text() for t in labels]
         for lab in labels:
-            float(lab.get_text())  # plain numbers, no mathtext
+            float(lab.get_text().replace("\u2212", "-"))  # plain numbers, no mathtext
         boxes = [lab.get_window_extent(renderer) for lab in labels]
         for i in range(len(boxes)):
             for j in range(i + 1, len(boxes)):
@@ -292,6 +294,15 @@ def test_dp_curve_log_axis_tick_labels_do_not_overlap(squeeze):
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def test_dp_curve_of_an_old_metrics_file_says_what_is_missing():
+    """A metrics.json from before grey-W1 (docs/digits_demo_metrics.json) cannot be plotted: a clear error."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "digits_demo_metrics.json")) as f:
+        metrics = json.load(f)
+    with pytest.raises(ValueError, match="grey_w1"):
+        demo_mod.dp_curve_figure(metrics)
 
 
 # ------------------------------------------------------------------------------------------------- testbed

@@ -476,6 +476,9 @@ def dp_curve_figure(metrics: dict):
 
     m = metrics
     names = list(m["tasks"])
+    if "grey_w1_clean" not in m:
+        raise ValueError("dp_curve_figure: these metrics have no grey_w1 entries (a metrics.json from before grey-W1, "
+                         "the plot's perception axis): run mapreps demo again")
     ncol = min(len(names), 2)
     nrow = (len(names) + ncol - 1) // ncol
     fig, axes = plt.subplots(nrow, ncol, figsize=(5.4 * ncol, 4.2 * nrow), dpi=110, squeeze=False)
