@@ -133,7 +133,7 @@ def digits_regression():
 def main():
     if sys.argv[1:] == ["digits"]:
         return digits_regression()
-    # every algorithm at 13 images on 8 devices (padded to 16); MAP-RPS and DPS also at 8 (one per device) and 1
+    # every algorithm at 13 images on 8 devices (padded to 16), at 8 (one per device) and at 1
     batches = [int(b) for b in sys.argv[1].split(",")] if len(sys.argv) > 1 else [13, 8, 1]
     results = {"devices": jax.device_count()}
     pix, shape = _pixel()
@@ -153,8 +153,6 @@ def main():
             _compare(f"dps/B{b}", mr.dps, pix, op, y, n_steps=6, zeta=0.5),
         ):
             results[name] = r
-        if b != 13:
-            continue
         name, r = _compare(f"red_diff/B{b}", mr.red_diff, pix, op, y, config=red_cfg)
         results[name] = r
         lx = _images(lshape, b, 3)

@@ -2,8 +2,8 @@
 
 The comparisons run in a fresh interpreter with 8 fake CPU devices (``tests/sharded_worker.py``; the device count is
 fixed when JAX starts, so it cannot be set inside this pytest process): MAP-RPS in pixel and latent space, DPS and
-RED-diff at 13 images (padded to 16 on 8 devices), MAP-RPS and DPS also at 8 and 1 images, and a whole D-P sweep of a
-batch that mixes three tasks (``stack_operators``: per-image operator data, padded and sharded with the batch).
+RED-diff at 13 images (padded to 16 on 8 devices), 8 and 1 images, and a whole D-P sweep of a batch that mixes three
+tasks (``stack_operators``: per-image operator data, padded and sharded with the batch).
 
 Reference: the same function under ``jax.jit`` on one device, with the same per-image keys. They are not bitwise
 equal (the partitioned program evaluates the network on another per-device batch, which changes float rounding):
@@ -62,8 +62,8 @@ def test_xla_cpu_miscompile_regression():
     assert case["max_abs_diff"] <= TOL and case["out_spec"] == "P('batch',)", case
 
 
-CASES = ["map_rps/pixel/B13", "dps/B13", "red_diff/B13", "map_rps/latent/B13", "map_rps/pixel/B8", "dps/B8",
-         "map_rps/pixel/B1", "dps/B1", "sweep_stages/stacked/B13"]
+CASES = [f"{alg}/B{b}" for b in (13, 8, 1) for alg in ("map_rps/pixel", "dps", "red_diff", "map_rps/latent")] + [
+    "sweep_stages/stacked/B13"]
 
 
 def test_eight_devices(sharded_results):
