@@ -248,9 +248,9 @@ def part_scaling(a, save):
            "global_batch": a.scaling_batch, "N": a.scaling_n, "K": a.scaling_k, "t0s": ints(a.scaling_t0s),
            "reps": a.reps, **machine_info(), "command": command_line(), "rows": []}
     # without the package's flag, which this process's XLA_FLAGS carry since its import: each child decides again
-    from mapreps_jax.xla_cpu import FLAG
+    from mapreps_jax.xla_cpu import without_flag
 
-    base_flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if f != FLAG)
+    base_flags = without_flag(os.environ.get("XLA_FLAGS", ""))
     with tempfile.TemporaryDirectory() as d:
         ref = None
         for n in ints(a.scaling_devices):

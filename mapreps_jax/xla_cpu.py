@@ -39,7 +39,7 @@ from __future__ import annotations
 import os
 from importlib import metadata
 
-__all__ = ["FLAG", "VERIFIED_JAXLIB", "OPT_OUT_ENV", "apply_cpu_defaults", "cpu_defaults_status"]
+__all__ = ["FLAG", "VERIFIED_JAXLIB", "OPT_OUT_ENV", "apply_cpu_defaults", "cpu_defaults_status", "without_flag"]
 
 #: the flag appended to ``XLA_FLAGS``: every YNNPACK fusion type of jaxlib 0.10 removed from the default list (XLA's
 #: own convolutions, matrix products and fused loops)
@@ -66,6 +66,13 @@ def _backends_initialised() -> bool:
         return bool(getattr(xla_bridge, "_backends", {}))
     except Exception:  # a JAX without this private module: assume the safe answer
         return False
+
+
+def without_flag(xla_flags: str) -> str:
+    """``xla_flags`` without :data:`FLAG`: the ``XLA_FLAGS`` to hand a child process (this process's carry the flag
+    since ``import mapreps_jax``), so that the child's import decides again (e.g. leaves it out for several CPU
+    devices)."""
+    return " ".join(f for f in xla_flags.split() if f != FLAG)
 
 
 def _forced_cpu_devices(env) -> int:

@@ -30,10 +30,10 @@ def _env(devices):
     from mapreps_jax import xla_cpu
 
     env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if f != xla_cpu.FLAG]
+    flags = xla_cpu.without_flag(env.get("XLA_FLAGS", ""))
     if devices > 1:
-        flags.append(f"--xla_force_host_platform_device_count={devices}")
-    env["XLA_FLAGS"] = " ".join(flags)
+        flags += f" --xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = flags.strip()
     # the same XLA:CPU kernels in every run (one process with two devices keeps YNNPACK, mapreps_jax/xla_cpu.py;
     # a process with one device would not): byte identity is between runs of the same kernels
     env["MAPREPS_JAX_XLA_DEFAULTS"] = "0"

@@ -38,8 +38,8 @@ def _worker(devices, *args):
     env = dict(os.environ)
     # this process's XLA_FLAGS carry the package's single-device CPU flag (added at import); the child asks for its
     # devices and lets the package decide again
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if f != xla_cpu.FLAG]
-    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+    env["XLA_FLAGS"] = (xla_cpu.without_flag(env.get("XLA_FLAGS", ""))
+                        + f" --xla_force_host_platform_device_count={devices}").strip()
     proc = subprocess.run([sys.executable, os.path.join(HERE, "sharded_worker.py"), *args], env=env,
                           capture_output=True, text=True, timeout=900, cwd=os.path.dirname(HERE))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]

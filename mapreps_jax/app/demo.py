@@ -305,12 +305,9 @@ def tradeoff_summary(points: list, outputs, truth, n_se: float = 2.0) -> dict:
     p0, pk = points[i0], points[ik]
     fall = p0["grey_w1"] - pk["grey_w1"]
     fall_se = float(np.hypot(p0["grey_w1_se"], pk["grey_w1_se"]))
-    out = np.asarray(outputs, np.float64)
-    tr = np.asarray(truth, np.float64)
-    axes = tuple(range(1, tr.ndim))
-    r0 = np.sqrt(np.mean(((out[i0] + 1) / 2 - (tr + 1) / 2) ** 2, axis=axes))
-    rk = np.sqrt(np.mean(((out[ik] + 1) / 2 - (tr + 1) / 2) ** 2, axis=axes))
-    d = rk - r0
+    tr = jnp.asarray(truth)
+    d = (np.asarray(rmse(jnp.asarray(outputs[ik]), tr), np.float64)
+         - np.asarray(rmse(jnp.asarray(outputs[i0]), tr), np.float64))  # per-image RMSE on [0, 1], as score()
     rise_se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else None
     resolved = (p0["grey_w1"] - n_se * p0["grey_w1_se"]) > (pk["grey_w1"] + n_se * pk["grey_w1_se"])
     return {"index": "grey_w1", "knee_t0": t0s[ik], "perception_fall": float(fall), "perception_fall_se": fall_se,
