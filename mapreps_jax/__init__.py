@@ -18,7 +18,7 @@ Where things live:
   sharding.py    data-parallel restoration over a device mesh and several hosts (run_sharded, sweep_stages)
   tune.py        gradient-based fitting of Stage-1 w, lr, t1 and the re-noising t0 (optax; remat through the loops)
   batch_restore.py  ``mapreps restore-batch``: a folder of measurements on all devices, resumable, atomic outputs
-  xla_cpu.py     XLA:CPU flags applied at import (YNNPACK for matrix products only: 2x faster UNets on CPU)
+  xla_cpu.py     XLA:CPU flags applied at import (YNNPACK off, classic loop emitters: 1.6x faster UNets on CPU)
   config.py      the one config convention (frozen dataclasses that are pytrees; ``static`` fields)
   checkpoint_io.py  checkpoint root, checksums, atomic orbax I/O, schedule records, output sets
   presets.py     the paper's settings for the pixel FFHQ ADM (``mapreps restore --preset``)
@@ -31,7 +31,7 @@ Where things live:
 """
 
 # First, before any JAX computation can create the CPU client: XLA:CPU's fast path for this library's UNets
-# (YNNPACK for matrix products only; see xla_cpu.py). Opt out with MAPREPS_JAX_XLA_DEFAULTS=0.
+# (YNNPACK off, XLA's classic loop emitters; see xla_cpu.py). Opt out with MAPREPS_JAX_XLA_DEFAULTS=0.
 from .xla_cpu import apply_cpu_defaults as _apply_cpu_defaults, cpu_defaults_status
 _apply_cpu_defaults()
 

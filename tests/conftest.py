@@ -6,6 +6,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import gc  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -13,6 +15,46 @@ import pytest  # noqa: E402
 # Before any test computes: the package's XLA:CPU settings (mapreps_jax/xla_cpu.py) take effect only if it is
 # imported before JAX creates its CPU client.
 import mapreps_jax  # noqa: E402,F401
+
+# One persistent XLA compilation cache for the whole run, shared with the subprocesses the tests start (CLI runs,
+# notebooks, workers inherit JAX_COMPILATION_CACHE_DIR): a program that another test or process already compiled
+# with the same XLA flags and devices (JAX's cache key) is loaded instead of compiled again. Programs compiling in
+# under a second are not stored (JAX's default threshold; storing the quicker ones measured no gain). A directory set by the caller is kept; ours is removed at
+# the end of the session.
+_OWN_CACHE = None
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    _OWN_CACHE = tempfile.mkdtemp(prefix="mapreps-jax-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+_CACHE_EVENTS = {}
+
+
+def _count_cache_event(event, *args, **kwargs):
+    if event.startswith("/jax/compilation_cache/"):
+        _CACHE_EVENTS[event] = _CACHE_EVENTS.get(event, 0) + 1
+
+
+def _count_cache_duration(event, duration, **kwargs):
+    if event.startswith("/jax/compilation_cache/"):
+        _CACHE_EVENTS[event] = _CACHE_EVENTS.get(event, 0.0) + float(duration)
+
+
+jax.monitoring.register_event_listener(_count_cache_event)
+jax.monitoring.register_event_duration_secs_listener(_count_cache_duration)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The persistent cache's use in this process (hits, misses, compile seconds saved), for the suite-time budget."""
+    if _CACHE_EVENTS:
+        terminalreporter.write_line("XLA compilation cache (this process): " + ", ".join(
+            f"{k.rsplit('/', 1)[-1]} {v:.1f}" if isinstance(v, float) else f"{k.rsplit('/', 1)[-1]} {v}"
+            for k, v in sorted(_CACHE_EVENTS.items())))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -36,3 +78,15 @@ def x64():
     jax.config.update("jax_enable_x64", True)
     yield
     jax.config.update("jax_enable_x64", prev)
+
+
+# The slowest modules (CI's --durations), started first: under ``-n 2 --dist loadfile`` (README) a worker takes whole
+# modules in collection order, and a long module picked up last would leave the other worker idle at the end.
+SLOWEST_FIRST = ("test_demo.py", "test_notebooks.py", "test_digits_prior.py", "test_algorithms_adm.py",
+                 "test_sharding.py", "test_restore_batch.py", "test_latent_methods.py", "test_per_image.py",
+                 "test_latent_models.py", "test_adm_torchref.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a module is kept

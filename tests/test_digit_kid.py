@@ -47,3 +47,15 @@ def test_digit_kid_near_zero_for_real_digits_and_large_for_noise():
     assert se_real > 0 and se_noise > 0
     assert abs(v_real) < 3 * se_real   # unbiased: 0 within its error for same-distribution digits
     assert v_noise > v_real + 5 * (se_noise + se_real)
+
+
+def test_digit_kid_with_the_cached_reference_term_equals_the_full_formula():
+    # digit_kid reuses the held-out set's pair term across calls; the value must be unbiased_mmd2's from scratch
+    from mapreps_jax.app.datasets import load_digits, to_model_range
+    from mapreps_jax.app.perception import digit_features, heldout_features
+
+    x, _ = load_digits("train")
+    imgs = to_model_range(x[40:52])
+    for _ in range(2):  # the second call takes the cached term
+        assert digit_kid(imgs) == pytest.approx(unbiased_mmd2(np.asarray(digit_features(imgs)), heldout_features()),
+                                                rel=1e-12, abs=1e-12)

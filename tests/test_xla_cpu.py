@@ -20,9 +20,16 @@ def test_flag_added_once_when_unset():
     if not VERIFIED:
         pytest.skip(f"jaxlib {xla_cpu._jaxlib_version()} is not a verified version: nothing is added there")
     rec = xla_cpu.apply_cpu_defaults(env)
-    assert rec["applied"] and env["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false " + xla_cpu.FLAG
+    assert rec["applied"] and env["XLA_FLAGS"] == " ".join(["--xla_cpu_enable_fast_math=false", xla_cpu.FLAG,
+                                                             xla_cpu.EMITTER_FLAG])
     xla_cpu.apply_cpu_defaults(env)  # idempotent: the second call sees the flag and leaves it
-    assert env["XLA_FLAGS"].count("ynn_fusion_type") == 1
+    assert env["XLA_FLAGS"].count("ynn_fusion_type") == 1 and env["XLA_FLAGS"].count("fusion_emitters") == 1
+    # a user's own emitter choice is kept (only YNNPACK's flag is added then)
+    env = {"XLA_FLAGS": "--xla_cpu_use_fusion_emitters=true"}
+    xla_cpu.apply_cpu_defaults(env)
+    assert env["XLA_FLAGS"] == "--xla_cpu_use_fusion_emitters=true " + xla_cpu.FLAG
+    # and a child process is handed XLA_FLAGS without the package's flags, to decide again
+    assert xla_cpu.without_flag(" ".join(["--a=1", xla_cpu.FLAG, xla_cpu.EMITTER_FLAG])) == "--a=1"
 
 
 def test_user_choice_and_opt_out_respected(monkeypatch):
@@ -90,7 +97,7 @@ net_hlo = jax.jit(fwd_vjp).lower(xs).compile().as_text()
 out, g = jax.jit(fwd_vjp)(xs)
 np.savez(sys.argv[1], eps=np.asarray(out), grad=np.asarray(g))
 print(json.dumps({"ynn_conv": "ynn" in hlo, "ynn_in_net": net_hlo.count("__ynn_fusion"),
-                  "status": mr.cpu_defaults_status()}))
+                  "status": mr.cpu_defaults_status(), "xla_flags": __import__("os").environ.get("XLA_FLAGS", "")}))
 """
 
 
@@ -113,6 +120,7 @@ def test_flag_takes_effect_and_keeps_the_numbers(tmp_path):
     plain, b = _probe(tmp_path, "plain", opt_out=True)
     assert fast["status"]["applied"] and fast["status"]["effective"]
     assert not plain["status"]["applied"]
+    assert xla_cpu.EMITTER_FLAG in fast["xla_flags"].split() and "fusion_emitters" not in plain["xla_flags"]
     # the flag is what moves convolutions out of YNNPACK in this jaxlib (the opt-out run keeps them there), and
     # with it the network's compiled forward + VJP holds no YNNPACK fusion at all
     assert plain["ynn_conv"] and not fast["ynn_conv"]

@@ -540,39 +540,45 @@ def demo_figures(result: dict, n_show: int = 4) -> dict:
     if len(spaces) == 1:
         cols[-2:] = ["DPS", "RED-diff"] if spaces == ["pixel"] else ["Latent-DPS", "PSLD"]
     show = min(n_show, m["config"]["n_images"])
-    rows = len(names) * show * len(spaces)
-    fig, axes = plt.subplots(rows, len(cols), figsize=(0.9 * len(cols), 0.9 * rows + 0.4), dpi=110,
-                             squeeze=False)
     keys_of = {"pixel": ("map_rps", "dps", "red_diff"), "latent": ("lmap_rps", "latent_dps", "psld")}
-    r_ = 0
+    # one mosaic image (one axes: a few hundred axes cost seconds to lay out and draw), panels separated by
+    # a 2-pixel white gap
+    rows, labels = [], []
     for name in names:
         im = result["images"][name]
         for i in range(show):
             for sp in spaces:
-                row = axes[r_]
-                r_ += 1
                 sweep, b1, b2 = keys_of[sp]
                 panels = [im["truth"][i], im["measurement"][i]] + [o[i] for o in im[sweep]] + [im[b1][i],
                                                                                                im[b2][i]]
-                for ax, pic in zip(row, panels):
-                    ax.imshow(np.asarray(pic)[..., 0], cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
-                    ax.set_xticks([])
-                    ax.set_yticks([])
-                if i == 0 or len(spaces) > 1:
-                    row[0].set_ylabel(f"{name}\n{sp}" if len(spaces) > 1 else name, fontsize=7)
-    for ax, c in zip(axes[0], cols):
-        ax.set_title(c, fontsize=7)
-    fig.tight_layout(pad=0.2)
-    files["grid.png"] = figure_png(fig)
+                rows.append([np.clip(np.asarray(pic, np.float32)[..., 0], -1.0, 1.0) for pic in panels])
+                labels.append(f"{name} {sp}" if len(spaces) > 1 else (name if i == 0 else ""))
+    h, w = rows[0][0].shape
+    gap = 2
+    mosaic = np.ones((len(rows) * (h + gap) - gap, len(cols) * (w + gap) - gap), np.float32)
+    for r, row in enumerate(rows):
+        for c, pic in enumerate(row):
+            mosaic[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = pic
+    fig, ax = plt.subplots(figsize=(0.9 * len(cols) + 0.6, 0.9 * len(rows) + 0.4), dpi=110)
+    ax.imshow(mosaic, cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+    ax.set_xticks([c * (w + gap) + w / 2 - 0.5 for c in range(len(cols))], [c.replace(" / ", " /\n") for c in cols],
+                  fontsize=7)
+    ax.xaxis.tick_top()
+    ax.set_yticks([r * (h + gap) + h / 2 - 0.5 for r in range(len(rows))], labels, fontsize=7)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    files["grid.png"] = figure_png(fig, tight=True)
     return files
 
 
-def figure_png(fig) -> bytes:
-    """A matplotlib figure as PNG bytes (the figure is closed)."""
+def figure_png(fig, tight: bool = False) -> bytes:
+    """A matplotlib figure as PNG bytes (the figure is closed); ``tight``: cropped to what is drawn, labels
+    included."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", **({"bbox_inches": "tight", "pad_inches": 0.05} if tight else {}))
     plt.close(fig)
     return buf.getvalue()
 
