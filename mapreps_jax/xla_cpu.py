@@ -17,8 +17,8 @@ With YNNPACK off, XLA's classic LLVM loop emitters (:data:`EMITTER_FLAG`) run th
 reductions (GroupNorm, SiLU, the residual adds) another 5-12 % faster than its newer MLIR fusion emitters.
 
 **How.** XLA reads ``XLA_FLAGS`` once, when JAX creates its CPU client (the first computation, not ``import
-jax``). :func:`apply_cpu_defaults`, run by ``import mapreps_jax``, appends :data:`FLAG` (and :data:`EMITTER_FLAG`, unless
-``XLA_FLAGS`` chooses ``xla_cpu_use_fusion_emitters``) to ``XLA_FLAGS`` when
+jax``). :func:`apply_cpu_defaults`, run by ``import mapreps_jax``, appends :data:`FLAG` (and
+:data:`EMITTER_FLAG`, unless ``XLA_FLAGS`` chooses ``xla_cpu_use_fusion_emitters``) to ``XLA_FLAGS`` when
 
 * ``MAPREPS_JAX_XLA_DEFAULTS`` is not ``0`` (the opt-out),
 * ``XLA_FLAGS`` does not already choose ``xla_cpu_experimental_ynn_fusion_type`` (the user's choice wins),
@@ -43,7 +43,8 @@ from __future__ import annotations
 import os
 from importlib import metadata
 
-__all__ = ["FLAG", "EMITTER_FLAG", "PACKAGE_FLAGS", "VERIFIED_JAXLIB", "OPT_OUT_ENV", "apply_cpu_defaults", "cpu_defaults_status", "without_flag"]
+__all__ = ["FLAG", "EMITTER_FLAG", "PACKAGE_FLAGS", "VERIFIED_JAXLIB", "OPT_OUT_ENV", "apply_cpu_defaults",
+           "cpu_defaults_status", "without_flag"]
 
 #: the flag appended to ``XLA_FLAGS``: every YNNPACK fusion type of jaxlib 0.10 removed from the default list (XLA's
 #: own convolutions, matrix products and fused loops)

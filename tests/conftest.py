@@ -19,8 +19,8 @@ import mapreps_jax  # noqa: E402,F401
 # One persistent XLA compilation cache for the whole run, shared with the subprocesses the tests start (CLI runs,
 # notebooks, workers inherit JAX_COMPILATION_CACHE_DIR): a program that another test or process already compiled
 # with the same XLA flags and devices (JAX's cache key) is loaded instead of compiled again. Programs compiling in
-# under a second are not stored (JAX's default threshold; storing the quicker ones measured no gain). A directory set by the caller is kept; ours is removed at
-# the end of the session.
+# under a second are not stored (JAX's default threshold; storing the quicker ones measured no gain). A directory
+# set by the caller is kept; ours is removed at the end of the session.
 _OWN_CACHE = None
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     _OWN_CACHE = tempfile.mkdtemp(prefix="mapreps-jax-test-xla-cache-")

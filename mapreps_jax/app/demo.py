@@ -85,7 +85,7 @@ def dumps_json(obj, what: str = "result") -> str:
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
     """Sizes of the demo and the spaces it runs (measured on an idle 2-core CPU, both spaces: the defaults 252 s,
-    :data:`QUICK` 89 and 98 s in two runs; README "Cost")."""
+    :data:`QUICK` 100-103 s in four runs, about 37 s of it compiling; README "Cost")."""
 
     tasks: Sequence[str] = ("sr4", "inpaint", "deblur", "denoise")
     t0: Sequence[int] = (0, 100, 200, 400, 600, 1000)
