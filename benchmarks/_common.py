@@ -24,6 +24,7 @@ for _p in (os.path.join(ROOT, "tests"), ROOT):
         sys.path.insert(0, _p)
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from torch_reference import diffusers_autoencoder, rel_err as _rel_err  # noqa: E402  (torch-free at import)
@@ -158,6 +159,28 @@ def time_interleaved(cands, reps):
     med = {k: float(np.median(v)) for k, v in times.items()}
     return {"times_s": {k: {"median": med[k], "all": v, "first_call": first[k]} for k, v in times.items()},
             "medians": med}
+
+
+def flops_of(fn, *args):
+    """FLOPs of ``jit(fn)(*args)`` by XLA's cost analysis of the compiled program (``None`` where not reported)."""
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    f = (cost or {}).get("flops")
+    return float(f) if f is not None else None
+
+
+def matmul_reference(n: int = 2048, depth: int = 4):
+    """``(fn, args, flops)``: a jitted chain of ``depth`` float32 ``n x n`` matrix products (``2 n^3`` each)."""
+    def chain(a, b):
+        for _ in range(depth):
+            a = jnp.tanh(a @ b)
+        return a
+
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.standard_normal((n, n)).astype(np.float32) / np.sqrt(n))
+    b = jnp.asarray(rng.standard_normal((n, n)).astype(np.float32) / np.sqrt(n))
+    return jax.jit(chain), (a, b), 2.0 * n ** 3 * depth
 
 
 def jax_over_torch(med, suffix=""):

@@ -6,7 +6,10 @@ Measures, per image (batch 1, 256x256x3), on the same machine in the same run:
   MAP-RPS back-propagation pattern), JAX (jit, after a warm-up call) vs torch (``eval()``, autograd on ``x``);
 * JAX bfloat16 vs float32;
 * peak temporary memory of the compiled forward + VJP from XLA's ``compile().memory_analysis()``, with and
-  without rematerialisation (``ADMConfig.remat``).
+  without rematerialisation (``ADMConfig.remat``);
+* a roofline in the same run: FLOPs of the forward and forward + VJP from XLA's cost analysis, the GFLOP/s both
+  frameworks achieve on them (the same arithmetic), a float32 matmul chain's GFLOP/s timed among the candidates,
+  and the rate that 0.7x torch's time would need, as a fraction of the matmul rate.
 
 Random weights (timings do not depend on them). Writes ``benchmarks/results/adm_<backend>.json``.
 
@@ -22,9 +25,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import (RESULTS, finish_result, import_torch_reference, jax_fwd_vjp, jax_over_torch,  # noqa: E402
-                     machine_info, time_interleaved, torch_fwd_vjp, torch_info, tree_bytes, vjp_residual_bytes,
-                     xla_memory)
+from _common import (RESULTS, finish_result, flops_of, import_torch_reference, jax_fwd_vjp,  # noqa: E402
+                     jax_over_torch, machine_info, matmul_reference, time_interleaved, torch_fwd_vjp, torch_info,
+                     tree_bytes, vjp_residual_bytes, xla_memory)
 from torch_reference import nchw  # noqa: E402
 
 import jax  # noqa: E402
@@ -37,6 +40,30 @@ from mapreps_jax.networks.adm import ADMConfig, adm_apply, init_adm_params  # no
 def _apply(cfg, t):
     """``(params, x) -> eps`` of the config at the fixed time ``t`` (the function timed and differentiated)."""
     return lambda p, x: adm_apply(cfg, p, x, t)
+
+
+def roofline(cfg, params, x, g, t, med, mm_flops, target: float = 0.7) -> dict:
+    """GFLOP/s of the float32 forward and forward + VJP (FLOPs: XLA's cost analysis of the compiled JAX programs; the
+    torch reference does the same arithmetic) for JAX and torch, against the same-run matmul chain's rate; and the
+    rate ``target`` x torch's time would need (``needed_fraction_of_matmul`` above 1: beyond what a matmul reaches)."""
+    apply = _apply(cfg, t)
+    flops = {"forward": flops_of(apply, params, x),
+             "forward_vjp": flops_of(lambda p, xx, gg: jax.vjp(lambda v: apply(p, v), xx)[1](gg)[0], params, x, g)}
+    mm_rate = mm_flops / med["matmul_reference"] / 1e9
+    out = {"matmul_gflop_per_s": mm_rate, "target_over_torch": target}
+    for kind, f in flops.items():
+        e = {"gflop": None if f is None else f / 1e9}
+        for fw in ("jax", "torch"):
+            m = med.get(f"{fw}_float32_{kind}")
+            if f is not None and m is not None:
+                e[f"{fw}_gflop_per_s"] = f / m / 1e9
+                e[f"{fw}_fraction_of_matmul"] = e[f"{fw}_gflop_per_s"] / mm_rate
+        if "torch_gflop_per_s" in e:
+            e["needed_gflop_per_s"] = e["torch_gflop_per_s"] / target
+            e["needed_fraction_of_matmul"] = e["needed_gflop_per_s"] / mm_rate
+        out[kind] = e
+        print(f"roofline {kind}: {e}", flush=True)
+    return out
 
 
 def main(argv=None):
@@ -68,6 +95,8 @@ def main(argv=None):
         cands[f"jax_{dtype}_forward_vjp"] = lambda vjp=vjp: block(vjp(params, x, g))
     _, vjp_remat = jax_fwd_vjp(_apply(dataclasses.replace(cfg, remat=True), t))
     cands["jax_float32_remat_forward_vjp"] = lambda: block(vjp_remat(params, x, g))
+    mm, mm_args, mm_flops = matmul_reference()
+    cands["matmul_reference"] = lambda: block(mm(*mm_args))
 
     ref = None if args.no_torch else import_torch_reference("deepinv")
     if ref is not None:
@@ -83,6 +112,7 @@ def main(argv=None):
     if "torch_float32_forward" in med:
         res["ratio_jax_over_torch"] = jax_over_torch(med)
         print(f"ratio jax/torch: {res['ratio_jax_over_torch']}", flush=True)
+    res["roofline"] = roofline(cfg, params, x, g, t, med, mm_flops)
     res["ratio_bf16_over_fp32"] = {
         "forward": med["jax_bfloat16_forward"] / med["jax_float32_forward"],
         "forward_vjp": med["jax_bfloat16_forward_vjp"] / med["jax_float32_forward_vjp"]}

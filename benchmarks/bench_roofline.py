@@ -17,35 +17,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import RESULTS, finish_result, jax_fwd_vjp, machine_info, time_interleaved  # noqa: E402
+from _common import (RESULTS, finish_result, flops_of, jax_fwd_vjp, machine_info, matmul_reference,  # noqa: E402
+                     time_interleaved)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mapreps_jax.networks.adm import ADMConfig, adm_apply, init_adm_params  # noqa: E402
-
-
-def flops_of(fn, *args):
-    """FLOPs of ``jit(fn)(*args)`` by XLA's cost analysis of the compiled program (``None`` where not reported)."""
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    f = (cost or {}).get("flops")
-    return float(f) if f is not None else None
-
-
-def matmul_reference(n: int = 2048, depth: int = 4):
-    """``(fn, args, flops)``: a jitted chain of ``depth`` float32 ``n x n`` matrix products (``2 n^3`` each)."""
-    def chain(a, b):
-        for _ in range(depth):
-            a = jnp.tanh(a @ b)
-        return a
-
-    rng = np.random.default_rng(0)
-    a = jnp.asarray(rng.standard_normal((n, n)).astype(np.float32) / np.sqrt(n))
-    b = jnp.asarray(rng.standard_normal((n, n)).astype(np.float32) / np.sqrt(n))
-    return jax.jit(chain), (a, b), 2.0 * n ** 3 * depth
 
 
 def main(argv=None):

@@ -24,6 +24,10 @@ traceback. Anything else is a bug and keeps its traceback. Everything that can b
 (options, output folder, checkpoint) is. Output folders (``demo``, ``testbed-demo``, ``restore``) are written as a
 unit into a new or empty folder; ``--overwrite`` replaces a previous output of the same command, never other files.
 JSON outputs never hold a bare ``NaN`` (a diverged run is an error).
+
+Compiled programs persist across runs in JAX's compilation cache (:func:`compile_cache_dir`: default
+``~/.cache/mapreps_jax/xla``; ``MAPREPS_JAX_COMPILE_CACHE=DIR`` elsewhere, ``=0`` off; a cache directory set for JAX is
+kept).
 """
 
 from __future__ import annotations
@@ -37,6 +41,42 @@ from typing import List, Optional
 from .checkpoint_io import write_bytes_atomic as atomic_write_bytes, write_text_atomic as atomic_write_text
 
 _DEBUG_ENV = "MAPREPS_DEBUG"
+_CACHE_ENV = "MAPREPS_JAX_COMPILE_CACHE"
+
+
+def compile_cache_dir(configured: Optional[str] = None, environ=None) -> Optional[str]:
+    """The persistent XLA compilation cache the ``mapreps`` commands use, or ``None`` for none: a directory already
+    set for JAX (``configured``: ``jax.config.jax_compilation_cache_dir``, which ``JAX_COMPILATION_CACHE_DIR`` sets)
+    is kept; else ``$MAPREPS_JAX_COMPILE_CACHE`` (``0`` turns it off) or ``$XDG_CACHE_HOME/mapreps_jax/xla`` (default
+    ``~/.cache/mapreps_jax/xla``). ``environ``: default ``os.environ``."""
+    environ = os.environ if environ is None else environ
+    if configured:
+        return configured
+    own = environ.get(_CACHE_ENV, "").strip()
+    if own == "0":
+        return None
+    if own:
+        return own
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mapreps_jax", "xla")
+
+
+def _use_compile_cache() -> None:
+    """Point JAX's persistent compilation cache at :func:`compile_cache_dir` (programs that took at least a second to
+    compile, JAX's default threshold, are stored): a second ``mapreps demo --quick`` loads its six big programs
+    instead of compiling them (measured 77 s instead of 100 s). JAX keys each entry on the program, the XLA flags,
+    the devices and the jaxlib version, so a stale entry is never used. A directory that cannot be created leaves
+    the cache off."""
+    import jax
+
+    path = compile_cache_dir(jax.config.jax_compilation_cache_dir)
+    if path is None or path == jax.config.jax_compilation_cache_dir:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
 
 __all__ = ["main", "atomic_write_bytes", "atomic_write_text"]
 
@@ -662,9 +702,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         debug = True
         argv = argv[1:]
     if argv and argv[0] == "convert":
+        _use_compile_cache()
         return _run("mapreps convert", lambda: cmd_convert(argv[1:]), debug)
     parser = build_parser()
     args = parser.parse_args(argv)
+    _use_compile_cache()
     return _run(f"mapreps {args.command}", lambda: args.func(args), debug or args.debug)
 
 

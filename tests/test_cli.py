@@ -91,3 +91,34 @@ def test_atomic_write_gives_the_umask_mode_and_leaves_no_temporary(tmp_path):
         assert os.listdir(path.parent) == ["out.json"]
     finally:
         os.umask(old)
+
+
+def test_compile_cache_dir_resolution(tmp_path):
+    from mapreps_jax.cli import compile_cache_dir
+    home = os.path.join(os.path.expanduser("~"), ".cache", "mapreps_jax", "xla")
+    assert compile_cache_dir(None, {}) == home
+    assert compile_cache_dir(None, {"XDG_CACHE_HOME": str(tmp_path)}) == str(tmp_path / "mapreps_jax" / "xla")
+    assert compile_cache_dir(None, {"MAPREPS_JAX_COMPILE_CACHE": str(tmp_path / "c")}) == str(tmp_path / "c")
+    assert compile_cache_dir(None, {"MAPREPS_JAX_COMPILE_CACHE": "0", "XDG_CACHE_HOME": str(tmp_path)}) is None
+    # a directory the caller set for JAX wins over ours (the test suite's own cache, for one)
+    assert compile_cache_dir("/set/by/caller", {"MAPREPS_JAX_COMPILE_CACHE": "0"}) == "/set/by/caller"
+
+
+@pytest.mark.parametrize("off", [False, True])
+def test_cli_stores_compiled_programs_in_the_user_cache(tmp_path, off):
+    """A `mapreps` command in a fresh process with no cache set for JAX stores its compiled programs under
+    $XDG_CACHE_HOME/mapreps_jax/xla (every program here: the size threshold is lowered to 0), and none with
+    MAPREPS_JAX_COMPILE_CACHE=0."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "MAPREPS_JAX_COMPILE_CACHE")}
+    env.update(XDG_CACHE_HOME=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    if off:
+        env["MAPREPS_JAX_COMPILE_CACHE"] = "0"
+    r = subprocess.run([sys.executable, "-m", "mapreps_jax.cli", "testbed", "--algo", "oracle-rps", "--dim", "4",
+                        "--keep", "2", "--t0", "0,10", "--quiet"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    cache = tmp_path / "mapreps_jax" / "xla"
+    stored = [f for f in os.listdir(cache) if f.endswith("-cache")] if cache.exists() else []
+    assert (not stored) if off else stored, stored

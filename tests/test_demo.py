@@ -135,19 +135,25 @@ def test_quick_latent_demo_bundled_latent_model(user_demo):
     assert lat["calls"]["lmap_rps_sweep"]["unet"] == lat["lmap_rps_sweep"]
 
 
-def test_latent_space_only(tmp_path):
-    """`--space latent` runs the latent methods alone (no pixel prior loaded, no pixel entries, latent NFE only);
-    tiny settings: what is checked here is the branch, not the numbers (those are the test above)."""
+def test_latent_space_only_equals_the_latent_half_of_the_run_of_both(user_demo, tmp_path):
+    """`--quick --space latent` runs the latent methods alone (no pixel prior loaded, no pixel entries, latent NFE
+    only): the same programs on the same measurements as the latent half of `--quick` with both spaces, so every
+    latent number is equal (the pixel half draws no randomness the latent half uses). The same shapes as the
+    fixture's run: the compiled programs are reused."""
     out = tmp_path / "out"
-    rc = main(["demo", "--space", "latent", "--tasks", "denoise,sr4", "--n-images", "3", "--t0", "0,100",
-               "--latent-n-iter", "3", "--latent-steps", "2", "--out", str(out), "--quiet"])
+    rc = main(["demo", "--quick", "--space", "latent", "--out", str(out), "--quiet"])
     assert rc == 0 and (out / "grid.png").read_bytes()[:8] == PNG
     m = json.loads((out / "metrics.json").read_text())
-    assert m["config"]["space"] == "latent" and list(m["tasks"]) == ["denoise", "sr4"]
-    for r in m["tasks"].values():
+    both = json.loads((user_demo[1] / "metrics.json").read_text())
+    assert m["config"]["space"] == "latent" and list(m["tasks"]) == list(both["tasks"])
+    latent_keys = {"measurement_pinv", "latent", "lmap_rps", "latent_dps", "psld", "lmap_stage1_consistency",
+                   "lmap_rps_tradeoff"}
+    for name, r in m["tasks"].items():
         assert "map_rps" not in r and "dps" not in r and "red_diff" not in r
-        assert [p["t0"] for p in r["lmap_rps"]] == [0, 100] and {"latent_dps", "psld"} <= set(r)
-    assert "map_rps_sweep" not in m["nfe"] and m["nfe"]["latent"]["lmap_rps_sweep"] == 3 + 2
+        assert latent_keys <= set(r)
+        for key in latent_keys:
+            assert r[key] == both["tasks"][name][key], (name, key)
+    assert "map_rps_sweep" not in m["nfe"] and m["nfe"]["latent"] == both["nfe"]["latent"]
 
 
 def test_quick_demo_files_and_numbers(quick_demo):
