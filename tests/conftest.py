@@ -79,11 +79,12 @@ def _free_compiled_programs():
 # independence on a tiny ADM 34 -> 19 s. Every other module compiles as users do: the exact-prior testbeds run
 # hundreds of cheap steps (execution-bound: 2-4x slower at level 0), some assert bitwise or 1e-5 equalities of
 # optimised programs (remat against no remat, a vmapped against a sequential sweep, a scan against its reference
-# loop; at level 0 their round-off differs), and the demo, the recorded outputs and the miscompile guards must test
-# the programs users run.
+# loop; at level 0 their round-off differs), and the demo, the recorded outputs, the networks' equivalence tests
+# against their PyTorch references (``*_torchref.py``) and the miscompile guards must test the programs users run.
 COMPILE_BOUND_MODULES = ("test_algorithms_adm.py", "test_latent_models.py", "test_per_image.py",
                          "test_latent_methods.py", "test_adm.py", "test_sd_unet.py", "test_restore.py",
-                         "test_traceable.py")
+                         "test_traceable.py", "test_presets.py", "test_presets_latent.py", "test_spaces.py",
+                         "test_nfe_counted.py", "test_bad_inputs.py")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -105,9 +106,10 @@ def x64():
 
 # The slowest modules (CI's --durations), started first: under ``-n 2 --dist loadfile`` (README) a worker takes whole
 # modules in collection order, and a long module picked up last would leave the other worker idle at the end.
-SLOWEST_FIRST = ("test_demo.py", "test_notebooks.py", "test_digits_prior.py", "test_algorithms_adm.py",
-                 "test_sharding.py", "test_restore_batch.py", "test_latent_methods.py", "test_per_image.py",
-                 "test_latent_models.py", "test_adm_torchref.py")
+SLOWEST_FIRST = ("test_demo.py", "test_notebooks.py", "test_sharding.py", "test_restore_batch.py",
+                 "test_adm_torchref.py", "test_tune.py", "test_sd_unet_torchref.py", "test_algorithms_adm.py",
+                 "test_continuous.py", "test_latent_models.py", "test_digits_prior.py", "test_latent_methods.py",
+                 "test_per_image.py")
 
 
 _unknown = [m for m in COMPILE_BOUND_MODULES + SLOWEST_FIRST if not os.path.exists(os.path.join(ROOT, "tests", m))]
