@@ -701,12 +701,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     while argv and argv[0] == "--debug":
         debug = True
         argv = argv[1:]
+    _use_compile_cache()
     if argv and argv[0] == "convert":
-        _use_compile_cache()
         return _run("mapreps convert", lambda: cmd_convert(argv[1:]), debug)
     parser = build_parser()
     args = parser.parse_args(argv)
-    _use_compile_cache()
     return _run(f"mapreps {args.command}", lambda: args.func(args), debug or args.debug)
 
 
