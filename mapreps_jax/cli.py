@@ -66,7 +66,7 @@ def _use_compile_cache() -> None:
     compile, JAX's default threshold, are stored): a second ``mapreps demo --quick`` loads its six big programs
     instead of compiling them (measured from a fresh clone: 70 s instead of 113 s). JAX keys each entry on the
     program, the XLA flags, the devices and the jaxlib version, so a stale entry is never used. A directory that
-    cannot be created leaves the cache off."""
+    cannot be created leaves the cache off, with one warning line on stderr."""
     import jax
 
     path = compile_cache_dir(jax.config.jax_compilation_cache_dir)
@@ -74,7 +74,9 @@ def _use_compile_cache() -> None:
         return
     try:
         os.makedirs(path, exist_ok=True)
-    except OSError:
+    except OSError as e:
+        print(f"mapreps: warning: cannot use {path!r} as the compilation cache ({e.strerror or e}); compiling without "
+              f"one (set {_CACHE_ENV}=DIR to choose another, =0 to turn it off)", file=sys.stderr)
         return
     jax.config.update("jax_compilation_cache_dir", path)
 

@@ -104,21 +104,32 @@ def test_compile_cache_dir_resolution(tmp_path):
     assert compile_cache_dir("/set/by/caller", {"MAPREPS_JAX_COMPILE_CACHE": "0"}) == "/set/by/caller"
 
 
+def _testbed_in_a_fresh_process(tmp_path, **env_extra):
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "MAPREPS_JAX_COMPILE_CACHE")}
+    env.update(XDG_CACHE_HOME=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **env_extra)
+    return subprocess.run([sys.executable, "-m", "mapreps_jax.cli", "testbed", "--algo", "oracle-rps", "--dim", "4",
+                           "--keep", "2", "--t0", "0,10", "--quiet"], env=env, capture_output=True, text=True)
+
+
 @pytest.mark.parametrize("off", [False, True])
 def test_cli_stores_compiled_programs_in_the_user_cache(tmp_path, off):
     """A `mapreps` command in a fresh process with no cache set for JAX stores its compiled programs under
     $XDG_CACHE_HOME/mapreps_jax/xla (every program here: the size threshold is lowered to 0), and none with
     MAPREPS_JAX_COMPILE_CACHE=0."""
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "MAPREPS_JAX_COMPILE_CACHE")}
-    env.update(XDG_CACHE_HOME=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    if off:
-        env["MAPREPS_JAX_COMPILE_CACHE"] = "0"
-    r = subprocess.run([sys.executable, "-m", "mapreps_jax.cli", "testbed", "--algo", "oracle-rps", "--dim", "4",
-                        "--keep", "2", "--t0", "0,10", "--quiet"], env=env, capture_output=True, text=True)
+    r = _testbed_in_a_fresh_process(tmp_path, **({"MAPREPS_JAX_COMPILE_CACHE": "0"} if off else {}))
     assert r.returncode == 0, r.stderr
     cache = tmp_path / "mapreps_jax" / "xla"
     stored = [f for f in os.listdir(cache) if f.endswith("-cache")] if cache.exists() else []
     assert (not stored) if off else stored, stored
+
+
+def test_cli_warns_once_and_runs_when_the_cache_directory_cannot_be_made(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    bad = str(tmp_path / "a_file" / "cache")
+    r = _testbed_in_a_fresh_process(tmp_path, MAPREPS_JAX_COMPILE_CACHE=bad)
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("mapreps: warning:")]
+    assert len(warnings) == 1 and bad in warnings[0] and "MAPREPS_JAX_COMPILE_CACHE" in warnings[0], r.stderr
