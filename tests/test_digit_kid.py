@@ -59,3 +59,20 @@ def test_digit_kid_with_the_cached_reference_term_equals_the_full_formula():
     for _ in range(2):  # the second call takes the cached term
         assert digit_kid(imgs) == pytest.approx(unbiased_mmd2(np.asarray(digit_features(imgs)), heldout_features()),
                                                 rel=1e-12, abs=1e-12)
+
+
+def test_scores_from_one_batch_pass_equal_scores_of_each_set_alone():
+    """The demo scores each method's outputs of all tasks with one classifier pass (``digit_features`` of the whole
+    batch, sliced per task): digit-FD and digit-KID from those features equal, to the last bit, the scores of each
+    task's images passed alone (each image's features do not depend on the other images of its padded batch)."""
+    from mapreps_jax.app.datasets import load_digits, to_model_range
+    from mapreps_jax.app.perception import digit_fd, digit_fd_from_features, digit_features, digit_kid_from_features
+
+    x = to_model_range(load_digits("test")[0][:36])
+    x = np.concatenate([x[:12], -x[12:24], np.clip(x[24:] * 3.0, -1, 1)])  # three different "methods' outputs"
+    feats = np.asarray(digit_features(x))
+    for sl in (slice(0, 12), slice(12, 24), slice(24, 36)):
+        alone = x[sl]
+        np.testing.assert_array_equal(feats[sl], np.asarray(digit_features(alone)))
+        assert digit_fd_from_features(feats[sl]) == digit_fd(alone)
+        assert digit_kid_from_features(feats[sl]) == digit_kid(alone)

@@ -207,10 +207,10 @@ def run_demo(model, cfg: DemoConfig = DemoConfig(), progress: Optional[Callable[
     evaluations done so far (per image; the total is ``nfe_budget(cfg)["total"]``).
     """
     from .datasets import load_digits, to_model_range
-    from .perception import digit_fd, digit_kid, grey_w1
+    from .perception import digit_fd, digit_fd_from_features, digit_features, digit_kid_from_features, grey_w1
 
-    def _kid_or_none(imgs):
-        return digit_kid(imgs) if imgs.shape[0] >= 3 else (None, None)
+    def _kid_or_none(feats):
+        return digit_kid_from_features(feats) if feats.shape[0] >= 3 else (None, None)
 
     pixel, latent = cfg.space in ("pixel", "both"), cfg.space in ("latent", "both")
     if pixel and model is None:
@@ -241,20 +241,28 @@ def run_demo(model, cfg: DemoConfig = DemoConfig(), progress: Optional[Callable[
         if progress is not None:
             progress(done, label)
 
-    def score(imgs, sl):
-        r = np.asarray(rmse(imgs[sl], x), np.float64)
-        out = {"rmse": float(r.mean()), "rmse_se": float(r.std(ddof=1) / np.sqrt(r.size)) if r.size > 1 else None,
-               "digit_fd": float(digit_fd(imgs[sl]))}
-        out["digit_kid"], out["digit_kid_se"] = _kid_or_none(imgs[sl])
-        out["grey_w1"], out["grey_w1_se"] = grey_w1(np.asarray(imgs[sl]))
-        return out
+    def score(imgs):
+        """One method's outputs ``[k n, ...]`` scored per task (a list in task order); one classifier pass for the
+        whole batch (each image's features are those of a pass on its task's images alone)."""
+        imgs = jnp.asarray(imgs)
+        feats = np.asarray(digit_features(imgs))
+        outs = []
+        for sl in setup.slices():
+            r = np.asarray(rmse(imgs[sl], x), np.float64)
+            out = {"rmse": float(r.mean()),
+                   "rmse_se": float(r.std(ddof=1) / np.sqrt(r.size)) if r.size > 1 else None,
+                   "digit_fd": float(digit_fd_from_features(feats[sl]))}
+            out["digit_kid"], out["digit_kid_se"] = _kid_or_none(feats[sl])
+            out["grey_w1"], out["grey_w1_se"] = grey_w1(np.asarray(imgs[sl]))
+            outs.append(out)
+        return outs
 
     tasks = {name: {"description": p.description, "operator": o.name, "sigma_y": p.sigma_y}
              for name, p, o in zip(cfg.tasks, presets, ops)}
     images = {name: {"truth": np.asarray(x)} for name in cfg.tasks}
     x_meas = op.x_init(y)
-    for name, sl in zip(cfg.tasks, setup.slices()):
-        tasks[name]["measurement_pinv"] = score(jnp.clip(x_meas, -1, 1), sl)
+    for name, sl, s in zip(cfg.tasks, setup.slices(), score(jnp.clip(x_meas, -1, 1))):
+        tasks[name]["measurement_pinv"] = s
         images[name]["measurement"] = np.asarray(jnp.clip(x_meas[sl], -1, 1))
     timings = {}
     if pixel:
@@ -272,7 +280,7 @@ def run_demo(model, cfg: DemoConfig = DemoConfig(), progress: Optional[Callable[
     metrics = {
         "config": {**dataclasses.asdict(cfg), "tasks": list(cfg.tasks), "t0": list(cfg.t0)},
         "digit_fd_clean": float(digit_fd(x)),
-        **dict(zip(("digit_kid_clean", "digit_kid_clean_se"), _kid_or_none(x))),
+        **dict(zip(("digit_kid_clean", "digit_kid_clean_se"), _kid_or_none(np.asarray(digit_features(x))))),
         **dict(zip(("grey_w1_clean", "grey_w1_clean_se"), grey_w1(np.asarray(x)))),
         "tasks": tasks, "nfe": nfe,
         "seconds": {**{k_: round(v, 2) for k_, v in timings.items()},
@@ -381,13 +389,14 @@ def _run_pixel(model, cfg, setup, tick, score, tasks, images) -> dict:
         n_steps=cfg.red_diff_steps, obs_weight=obs_w)), -1.0, 1.0).block_until_ready()
     timings["red_diff"] = time.perf_counter() - t
     tick(cfg.red_diff_steps, "RED-diff")
-    for name, p, sl in zip(cfg.tasks, presets, setup.slices()):
+    sweep_scores, dps_scores, red_scores = [score(out) for out in outs], score(x_dps), score(x_red)
+    for j, (name, p, sl) in enumerate(zip(cfg.tasks, presets, setup.slices())):
         tasks[name].update({
             "t1": p.t1, "w": p.w,
             "stage1": {"solver": p.solver, "prox_step": p.prox_step, "lr": p.lr, "average": int(map_cfg.average)},
             "zeta": dps_zeta(p, cfg.stage2_steps),
-            "map_rps": [dict(t0=int(t0), **score(out, sl)) for t0, out in zip(cfg.t0, outs)],
-            "dps": score(x_dps, sl), "red_diff": score(x_red, sl)})
+            "map_rps": [dict(t0=int(t0), **s[j]) for t0, s in zip(cfg.t0, sweep_scores)],
+            "dps": dps_scores[j], "red_diff": red_scores[j]})
         images[name].update({"map_rps": np.asarray(outs[:, sl]), "dps": np.asarray(x_dps[sl]),
                              "red_diff": np.asarray(x_red[sl])})
     return timings
@@ -440,14 +449,15 @@ def _run_latent(lmodel, cfg, setup, tick, score, tasks, images):
     # Stage-1 measurement consistency ||A(D(z_map)) - y|| / (sigma_y sqrt(m)) per image (about 1 at the MAP)
     r = y - op.A(sweep.x_map)
     consistency = jnp.sqrt(jnp.sum(r * r, axis=tuple(range(1, r.ndim))))
-    for name, p, pre, o, sl in zip(cfg.tasks, lp, setup.presets, setup.ops, setup.slices()):
+    sweep_scores, ldps_scores, psld_scores = [score(out) for out in outs], score(x_ldps), score(x_psld)
+    for j, (name, p, pre, o, sl) in enumerate(zip(cfg.tasks, lp, setup.presets, setup.ops, setup.slices())):
         tasks[name].update({
             "latent": {"t1": p.t1, "w": p.w, "lr": p.lr, "lr_min": p.lr_min, "n_iter": N, "zeta": latent_zeta(p, K),
                        "latent_dps_zeta": latent_zeta(p, K, "latent_dps"), "psld_zeta": latent_zeta(p, K, "psld"),
                        "psld_gamma": p.psld_gamma,
                        "stage2_steps": K},
-            "lmap_rps": [dict(t0=int(t0), **score(out, sl)) for t0, out in zip(cfg.t0, outs)],
-            "latent_dps": score(x_ldps, sl), "psld": score(x_psld, sl),
+            "lmap_rps": [dict(t0=int(t0), **s[j]) for t0, s in zip(cfg.t0, sweep_scores)],
+            "latent_dps": ldps_scores[j], "psld": psld_scores[j],
             "lmap_stage1_consistency": float(jnp.mean(consistency[sl])) / (pre.sigma_y * float(np.sqrt(o.out_size)))})
         images[name].update({"lmap_rps": np.asarray(outs[:, sl]), "latent_dps": np.asarray(x_ldps[sl]),
                              "psld": np.asarray(x_psld[sl])})

@@ -26,7 +26,7 @@ import numpy as np
 from . import classifier as _C
 
 __all__ = ["digit_features", "feature_statistics", "frechet_distance_from_features", "heldout_statistics",
-           "digit_fd", "digit_kid", "unbiased_mmd2", "heldout_features", "digit_accuracy", "FEATURE_BATCH",
+           "digit_fd", "digit_kid", "digit_fd_from_features", "digit_kid_from_features", "unbiased_mmd2", "heldout_features", "digit_accuracy", "FEATURE_BATCH",
            "grey_levels", "wasserstein1_1d", "grey_w1", "heldout_grey_levels"]
 
 FEATURE_BATCH = 250  # images per compiled call; every set is padded to a multiple, so one compilation serves all
@@ -155,7 +155,14 @@ def digit_fd(x, ref: RefType = None, params=None) -> float:
     Returns:
       the Fréchet distance (float, ``>= 0``) in squared feature units.
     """
-    mu1, s1 = feature_statistics(digit_features(x, params))
+    return digit_fd_from_features(digit_features(x, params), ref, params)
+
+
+def digit_fd_from_features(feats, ref: RefType = None, params=None) -> float:
+    """:func:`digit_fd` of images whose classifier features ``feats`` ``[N, 128]`` (:func:`digit_features`, ``N >=
+    2``) are already computed: several scores of one batch then share one classifier pass. ``ref`` and ``params`` as
+    in :func:`digit_fd` (``params``: the classifier the features and an image ``ref`` belong to)."""
+    mu1, s1 = feature_statistics(feats)
     if ref is None:
         if params is not None:
             raise ValueError("ref: an explicit reference is required with non-default params")
@@ -232,7 +239,13 @@ def digit_kid(x, params=None) -> Tuple[float, float]:
     comes with a jackknife standard error. Lower is better; 0 in expectation for held-out-like digits."""
     if params is not None:
         raise ValueError("digit_kid: the held-out reference belongs to the bundled classifier; params must be None")
-    return unbiased_mmd2(digit_features(x), heldout_features(), _yy=_heldout_yy_cached())
+    return digit_kid_from_features(digit_features(x))
+
+
+def digit_kid_from_features(feats) -> Tuple[float, float]:
+    """:func:`digit_kid` of images whose bundled-classifier features ``feats`` ``[N, 128]`` (``N >= 3``) are already
+    computed (:func:`digit_features`)."""
+    return unbiased_mmd2(feats, heldout_features(), _yy=_heldout_yy_cached())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
