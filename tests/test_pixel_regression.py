@@ -7,7 +7,7 @@ forms and the paper-code mean, DDPM, DDNM, PiGDM, DMPS, learned and official var
 RED-diff, MAP-RPS, the D-P sweep and prior sampling, on an exact GMM prior and on a tiny random ADM network with
 clipping. The bound is float32 round-off (the computations are the same; XLA may fuse them differently).
 
-The recording is made under the XLA:CPU settings the package applies at import (``mapreps_jax/xla_cpu.py``:
+The recording is made under the XLA:CPU settings the package applies at import (``mapreps_jax/xla_cpu.py``: LLVM -O1,
 no YNNPACK fusions, classic loop emitters), by the old commit's code run with the same ``XLA_FLAGS``. Other kernels round differently and
 the iterations amplify it: the old code under jaxlib's default settings differs from the same old code under the
 package's settings by up to 2.8e-5 on the GMM cases, 1.4e-4 on ``adm_map`` and 0.97 on ``gmm_map_stable`` (AdamW on

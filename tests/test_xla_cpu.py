@@ -21,15 +21,27 @@ def test_flag_added_once_when_unset():
         pytest.skip(f"jaxlib {xla_cpu._jaxlib_version()} is not a verified version: nothing is added there")
     rec = xla_cpu.apply_cpu_defaults(env)
     assert rec["applied"] and env["XLA_FLAGS"] == " ".join(["--xla_cpu_enable_fast_math=false", xla_cpu.FLAG,
-                                                             xla_cpu.EMITTER_FLAG])
+                                                             xla_cpu.EMITTER_FLAG, xla_cpu.OPT_FLAG])
     xla_cpu.apply_cpu_defaults(env)  # idempotent: the second call sees the flag and leaves it
     assert env["XLA_FLAGS"].count("ynn_fusion_type") == 1 and env["XLA_FLAGS"].count("fusion_emitters") == 1
-    # a user's own emitter choice is kept (only YNNPACK's flag is added then)
-    env = {"XLA_FLAGS": "--xla_cpu_use_fusion_emitters=true"}
+    assert env["XLA_FLAGS"].count("optimization_level") == 1
+    # a user's own emitter choice and optimisation level are kept (the package's other flags are added)
+    env = {"XLA_FLAGS": "--xla_cpu_use_fusion_emitters=true --xla_backend_optimization_level=3"}
     xla_cpu.apply_cpu_defaults(env)
-    assert env["XLA_FLAGS"] == "--xla_cpu_use_fusion_emitters=true " + xla_cpu.FLAG
+    assert env["XLA_FLAGS"] == "--xla_cpu_use_fusion_emitters=true --xla_backend_optimization_level=3 " + xla_cpu.FLAG
     # and a child process is handed XLA_FLAGS without the package's flags, to decide again
-    assert xla_cpu.without_flag(" ".join(["--a=1", xla_cpu.FLAG, xla_cpu.EMITTER_FLAG])) == "--a=1"
+    assert xla_cpu.without_flag(" ".join(["--a=1", *xla_cpu.PACKAGE_FLAGS])) == "--a=1"
+
+
+def test_optimisation_level_left_alone_where_a_gpu_or_tpu_plugin_is_installed(monkeypatch):
+    """``xla_backend_optimization_level`` also sets LLVM's effort for GPU kernels: with an accelerator plugin
+    installed only the CPU-specific flags are added."""
+    if not VERIFIED:
+        pytest.skip("nothing is added on an unverified jaxlib")
+    monkeypatch.setattr(xla_cpu, "_accelerator_plugin", lambda: "xla_cuda12")
+    env = {}
+    assert xla_cpu.apply_cpu_defaults(env)["applied"]
+    assert env["XLA_FLAGS"] == f"{xla_cpu.FLAG} {xla_cpu.EMITTER_FLAG}"
 
 
 def test_user_choice_and_opt_out_respected(monkeypatch):
@@ -121,6 +133,7 @@ def test_flag_takes_effect_and_keeps_the_numbers(tmp_path):
     assert fast["status"]["applied"] and fast["status"]["effective"]
     assert not plain["status"]["applied"]
     assert xla_cpu.EMITTER_FLAG in fast["xla_flags"].split() and "fusion_emitters" not in plain["xla_flags"]
+    assert xla_cpu.OPT_FLAG in fast["xla_flags"].split() and "optimization_level" not in plain["xla_flags"]
     # the flag is what moves convolutions out of YNNPACK in this jaxlib (the opt-out run keeps them there), and
     # with it the network's compiled forward + VJP holds no YNNPACK fusion at all
     assert plain["ynn_conv"] and not fast["ynn_conv"]
