@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["BatchJob", "restore_batch", "list_inputs", "digits_job", "preset_job", "image_key_data",
+__all__ = ["BatchJob", "restore_batch", "check_t0s", "list_inputs", "digits_job", "preset_job", "image_key_data",
            "RESULTS_FILE"]
 
 RESULTS_FILE = "results.jsonl"
@@ -221,6 +221,17 @@ def _local_slots(sharding, n_slots: int) -> List[int]:
     return sorted(rows)
 
 
+def check_t0s(t0s, T: int) -> list:
+    """``t0s`` as a list of ints, each in ``[0, T]`` and at least one (``ValueError`` naming the bad values)."""
+    t0s = [int(t) for t in t0s]
+    if not t0s:
+        raise ValueError("restore-batch: --t0 needs at least one re-noising time")
+    bad = [t for t in t0s if not 0 <= t <= T]
+    if bad:
+        raise ValueError(f"restore-batch: --t0 values must be in [0, {T}], got {bad}")
+    return t0s
+
+
 def restore_batch(job: BatchJob, inputs: str, out_dir: str, t0s: Sequence[int], *, seed: int = 0,
                   batch_size: Optional[int] = None, mesh=None, progress: bool = True,
                   log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
@@ -231,13 +242,7 @@ def restore_batch(job: BatchJob, inputs: str, out_dir: str, t0s: Sequence[int], 
 
     from .app.digits import png_bytes
 
-    t0s = [int(t) for t in t0s]
-    if not t0s:
-        raise ValueError("restore-batch: --t0 needs at least one re-noising time")
-    T = int(job.model.T)
-    bad = [t for t in t0s if not 0 <= t <= T]
-    if bad:
-        raise ValueError(f"restore-batch: --t0 values must be in [0, {T}], got {bad}")
+    t0s = check_t0s(t0s, int(job.model.T))
     files = list_inputs(inputs)
     names = [os.path.basename(f) for f in files]
     stems = [_stem(f) for f in files]

@@ -397,7 +397,7 @@ def cmd_restore_batch(args) -> int:
             raise ValueError("restore-batch: --distributed reads the cluster environment; --coordinator, "
                              "--num-processes and --process-id set it by hand: give one or the other")
         initialize_distributed(*dist)
-    from .batch_restore import digits_job, preset_job, restore_batch
+    from .batch_restore import check_t0s, digits_job, preset_job, restore_batch
     from .sharding import batch_mesh, replicated_sharding
 
     if args.batch_size is not None and args.batch_size < 1:
@@ -414,11 +414,11 @@ def cmd_restore_batch(args) -> int:
             raise ValueError("restore-batch: --model and the text embeddings go with --preset (the digits tasks use "
                              "the bundled prior)")
         from .app.digits import DEMO_TASKS
-        from .app.pretrained import load_default_prior
+        from .app.pretrained import load_default_prior, load_default_prior_config
 
         if args.task not in DEMO_TASKS:  # before loading anything
             raise ValueError(f"unknown task {args.task!r} for restore-batch; expected one of {sorted(DEMO_TASKS)}")
-        t0s = [0, 200, 600] if args.t0 is None else args.t0
+        t0s = check_t0s([0, 200, 600] if args.t0 is None else args.t0, int(load_default_prior_config()["T"]))
         job = digits_job(args.task, model=load_default_prior(sharding=rep), seed=args.seed,
                          steps=40 if args.steps is None else args.steps, n_iter=args.n_iter)
     else:
@@ -429,7 +429,7 @@ def cmd_restore_batch(args) -> int:
             raise ValueError(f"restore-batch: preset {p.name!r} runs task {p.task!r}, not --task {args.task!r}")
         if args.n_iter is not None:
             raise ValueError("restore-batch: --n-iter is fixed by the preset; drop it")
-        t0s = list(p.t0s) if args.t0 is None else args.t0
+        t0s = check_t0s(list(p.t0s) if args.t0 is None else args.t0, 1000)  # the paper's networks: T = 1000
         if p.needs_text and not (args.prompt_embedding and args.negative_embedding):
             raise ValueError(f"restore-batch --preset {p.name}: needs --prompt-embedding and --negative-embedding "
                              f"FILE.npy")

@@ -182,3 +182,19 @@ def test_bad_arguments_fail_before_loading(tmp_path, inputs):
                            str(tmp_path / "none*.png"), "--out", str(tmp_path / "o"), "--task", "sr4"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "neither a folder nor a pattern" in proc.stderr
+
+
+def test_t0_out_of_range_fails_before_the_model_is_loaded(tmp_path, inputs, monkeypatch, capsys):
+    """A ``--t0`` outside ``[0, T]`` is refused before the prior is read (it used to be checked after loading it)."""
+    from mapreps_jax.app import pretrained
+    from mapreps_jax.cli import main
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before --t0 was checked")
+
+    monkeypatch.setattr(pretrained, "load_default_prior", no_load)
+    rc = main(["restore-batch", "--inputs", inputs, "--out", str(tmp_path / "o"), "--task", "sr4", "--t0", "0,1001",
+               "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--t0 values must be in [0, 1000], got [1001]" in err, err
+    assert not (tmp_path / "o").exists()
