@@ -64,7 +64,7 @@ def compile_cache_dir(configured: Optional[str] = None, environ=None) -> Optiona
 def _use_compile_cache() -> None:
     """Point JAX's persistent compilation cache at :func:`compile_cache_dir` (programs that took at least a second to
     compile, JAX's default threshold, are stored): a second ``mapreps demo --quick`` loads its six big programs
-    instead of compiling them (measured from a fresh clone: 70 s instead of 113 s). JAX keys each entry on the
+    instead of compiling them (measured from a fresh clone: 57 s instead of 80 s). JAX keys each entry on the
     program, the XLA flags, the devices and the jaxlib version, so a stale entry is never used. A directory that
     cannot be created leaves the cache off, with one warning line on stderr."""
     import jax

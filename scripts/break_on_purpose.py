@@ -3,7 +3,7 @@
 
 Usage (from the repository root, with the project's interpreter)::
 
-    .venv/bin/python scripts/break_on_purpose.py                      # baseline + the six breakages, fail-fast
+    .venv/bin/python scripts/break_on_purpose.py                      # baseline + every breakage, fail-fast
     .venv/bin/python scripts/break_on_purpose.py --no-fail-fast       # list every test that catches each breakage
     .venv/bin/python scripts/break_on_purpose.py --only dps_guidance_off --tests tests/test_algorithms_reference.py
 
@@ -31,7 +31,9 @@ The breakages (issue 12):
 * ``stage1_prior_off``: the prior term ``w e`` removed from Stage 1 (both solvers);
 * ``red_diff_prior_off``: RED-diff's regulariser weight ``lambda`` term removed;
 * ``latent_decoder_off`` (issue 13): the one data fit ``y - A(D(z))`` skips the decoder;
-* ``psld_glue_off``: PSLD's gluing term removed.
+* ``psld_glue_off``: PSLD's gluing term removed;
+* ``renoise_off``: Stage 2 starts from ``x_init`` itself at ``t0`` (no re-noising; the sampler still runs);
+* ``resample_hard_dc_off``: ReSample's hard data consistency (and resampling) never applied: only its DPS steps.
 """
 from __future__ import annotations
 
@@ -48,7 +50,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW_TESTS = "tests/test_algorithms_reference.py"
-DEFAULT_TESTS = [NEW_TESTS, "tests/test_map_rps.py", "tests/test_traceable.py", "tests/test_spaces.py"]
+DEFAULT_TESTS = [NEW_TESTS, "tests/test_map_rps.py", "tests/test_traceable.py", "tests/test_spaces.py",
+                 "tests/test_resample.py"]
 
 # (file, target, replacement, expected number of occurrences)
 BREAKAGES = [
@@ -75,6 +78,14 @@ BREAKAGES = [
          description="PSLD's gluing term removed (gamma effectively 0)",
          edits=[("mapreps_jax/samplers.py", "jnp.sum(data + self.gamma * glue)",
                  "jnp.sum(data + 0.0 * self.gamma * glue)", 1)]),
+    dict(name="renoise_off",
+         description="Stage 2 without re-noising: rps starts its reverse loop at t0 from x_init itself",
+         edits=[("mapreps_jax/rps_stage.py", "x = renoise(k_noise, x_init, model.alpha_bar(t0 - 1))",
+                 "x = x_init", 1)]),
+    dict(name="resample_hard_dc_off",
+         description="ReSample's hard data consistency off: z_next is the DPS step's on every step",
+         edits=[("mapreps_jax/samplers.py", "z_next = jax.lax.cond(dc, hard_dc, lambda zp: zp, z_prime)",
+                 "z_next = z_prime", 1)]),
 ]
 
 

@@ -84,8 +84,9 @@ def dumps_json(obj, what: str = "result") -> str:
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of the demo and the spaces it runs (measured on an idle 2-core CPU, both spaces: the defaults 252-268 s,
-    :data:`QUICK` 100-113 s, about 40 s of it compiling, 70 s with the compiled programs cached; README "Cost")."""
+    """Sizes of the demo and the spaces it runs (measured from a fresh clone on an idle 2-core CPU, both spaces: the
+    defaults 236 s, :data:`QUICK` 80 s, about 28 s of it compiling, 57 s with the compiled programs cached; README
+    "Cost")."""
 
     tasks: Sequence[str] = ("sr4", "inpaint", "deblur", "denoise")
     t0: Sequence[int] = (0, 100, 200, 400, 600, 1000)
