@@ -26,8 +26,9 @@ import numpy as np
 from . import classifier as _C
 
 __all__ = ["digit_features", "feature_statistics", "frechet_distance_from_features", "heldout_statistics",
-           "digit_fd", "digit_kid", "digit_fd_from_features", "digit_kid_from_features", "unbiased_mmd2", "heldout_features", "digit_accuracy", "FEATURE_BATCH",
-           "grey_levels", "wasserstein1_1d", "grey_w1", "heldout_grey_levels"]
+           "digit_fd", "digit_kid", "digit_fd_from_features", "digit_kid_from_features", "unbiased_mmd2",
+           "heldout_features", "digit_accuracy", "FEATURE_BATCH", "grey_levels", "wasserstein1_1d", "grey_w1",
+           "heldout_grey_levels"]
 
 FEATURE_BATCH = 250  # images per compiled call; every set is padded to a multiple, so one compilation serves all
 
