@@ -272,26 +272,31 @@ def torch_info(torch, *modules):
     """The ``torch`` entry of a result: torch's version, each reference module's version under its name, the
     number of threads."""
     return {"version": torch.__version__, **{m.__name__: getattr(m, "__version__", None) for m in modules},
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(),
+            "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def torch_fwd_vjp(call, x, g, outputs, suffix=""):
     """Torch candidates for :func:`time_interleaved`: ``{"torch_float32_forward<suffix>": call(x) under no_grad,
     "torch_float32_forward_vjp<suffix>": (call(x), the gradient of <call(x), g> with respect to x)}`` (``x``, ``g``:
-    NCHW tensors); each stores its result in ``outputs`` under its name."""
+    NCHW tensors, on the device ``call`` runs on); each stores its result in ``outputs`` under its name. On a CUDA
+    device each candidate waits for the device (``torch.cuda.synchronize``), as the JAX ones block on their result."""
     import torch
 
     fwd_name, vjp_name = f"torch_float32_forward{suffix}", f"torch_float32_forward_vjp{suffix}"
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
 
     def fwd():
         with torch.no_grad():
             outputs[fwd_name] = call(x)
+        sync()
 
     def vjp():
         xr = x.clone().requires_grad_(True)
         out = call(xr)
         (gx,) = torch.autograd.grad(out, xr, g)
         outputs[vjp_name] = (out.detach(), gx)
+        sync()
 
     return {fwd_name: fwd, vjp_name: vjp}
 

@@ -70,6 +70,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--torch-device", default="cpu", help="where deepinv runs: cpu (the default; 2 threads on the "
+                    "development machine) or cuda (on a GPU machine, beside JAX on the same GPU)")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
 
@@ -101,10 +103,12 @@ def main(argv=None):
     ref = None if args.no_torch else import_torch_reference("deepinv")
     if ref is not None:
         torch, deepinv = ref
-        net = deepinv.models.DiffUNet(in_channels=3, out_channels=3, large_model=False, pretrained=None).eval()
-        tt = torch.tensor([500.0])
-        cands.update(torch_fwd_vjp(lambda xr: net.forward_diffusion(xr, tt), nchw(x_np), nchw(g_np), outputs))
-        res["torch"] = torch_info(torch, deepinv)
+        dev = torch.device(args.torch_device)
+        net = deepinv.models.DiffUNet(in_channels=3, out_channels=3, large_model=False, pretrained=None).eval().to(dev)
+        tt = torch.tensor([500.0], device=dev)
+        cands.update(torch_fwd_vjp(lambda xr: net.forward_diffusion(xr, tt), nchw(x_np).to(dev), nchw(g_np).to(dev),
+                                   outputs))
+        res["torch"] = {**torch_info(torch, deepinv), "device": str(dev)}
 
     # warm-up (compilation for JAX), then interleaved repetitions; the reported time is the median
     timing = time_interleaved(cands, args.reps)
