@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .validation import check_t0_list
+
 __all__ = ["BatchJob", "restore_batch", "check_t0s", "list_inputs", "digits_job", "preset_job", "image_key_data",
            "RESULTS_FILE"]
 
@@ -222,14 +224,9 @@ def _local_slots(sharding, n_slots: int) -> List[int]:
 
 
 def check_t0s(t0s, T: int) -> list:
-    """``t0s`` as a list of ints, each in ``[0, T]`` and at least one (``ValueError`` naming the bad values)."""
-    t0s = [int(t) for t in t0s]
-    if not t0s:
-        raise ValueError("restore-batch: --t0 needs at least one re-noising time")
-    bad = [t for t in t0s if not 0 <= t <= T]
-    if bad:
-        raise ValueError(f"restore-batch: --t0 values must be in [0, {T}], got {bad}")
-    return t0s
+    """``restore-batch``'s ``--t0`` list (:func:`~mapreps_jax.validation.check_t0_list`): Python ints, each a whole
+    number in ``[0, T]``, at least one."""
+    return check_t0_list(t0s, T, "restore-batch: --t0")
 
 
 def restore_batch(job: BatchJob, inputs: str, out_dir: str, t0s: Sequence[int], *, seed: int = 0,

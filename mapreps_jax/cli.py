@@ -39,6 +39,7 @@ import sys
 from typing import List, Optional
 
 from .checkpoint_io import write_bytes_atomic as atomic_write_bytes, write_text_atomic as atomic_write_text
+from .validation import check_t0_list
 
 _DEBUG_ENV = "MAPREPS_DEBUG"
 _CACHE_ENV = "MAPREPS_JAX_COMPILE_CACHE"
@@ -358,9 +359,7 @@ def _restore_preset(args) -> int:
     for opt, val in (("--task", args.task), ("--mask", args.mask), ("--sigma-y", args.sigma_y)):
         if val is not None:
             raise ValueError(f"restore --preset {p.name}: {opt} is fixed by the preset; drop it")
-    t0s = list(p.t0s) if args.t0 is None else args.t0
-    if any(t < 0 or t > 1000 for t in t0s):
-        raise ValueError(f"--t0 values must be in [0, 1000], got {t0s}")
+    t0s = check_t0_list(list(p.t0s) if args.t0 is None else args.t0, 1000, "--t0")  # the paper's networks: T = 1000
     given = (("--prompt-embedding", args.prompt_embedding), ("--negative-embedding", args.negative_embedding))
     if p.needs_text:
         missing = [opt for opt, val in given if val is None]

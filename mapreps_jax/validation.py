@@ -143,6 +143,27 @@ def check_t0(t0, T: int, where: str, continuous: bool = False):
     return int(round(v))
 
 
+def check_t0_list(t0s, T: int, where: str) -> list:
+    """A D-P sweep's re-noising times (the command line's ``--t0`` list): at least one, each a whole number of diffusion
+    steps in ``[0, T]`` (an int, or a float such as ``200.0``; not a bool, not ``200.7``, not NaN). Returns them as
+    Python ints, in the given order. ``ValueError`` naming every value that is not allowed."""
+    if isinstance(t0s, (str, bytes)) or not hasattr(t0s, "__iter__"):
+        raise ValueError(f"{where}: t0 must be a list of whole numbers in [0, {T}], got {t0s!r}")
+    vals = [np.asarray(t).item() if np.ndim(t) == 0 and not isinstance(t, str) else t for t in t0s]
+    if not vals:
+        raise ValueError(f"{where}: expected at least one re-noising time t0, got none")
+
+    def ok(t):
+        return (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t == round(t)
+                and 0 <= t <= T)
+
+    bad = [t for t in vals if not ok(t)]
+    if bad:
+        raise ValueError(f"{where}: every t0 must be a whole number of steps in [0, {T}], got {vals} "
+                         f"(not allowed: {bad})")
+    return [int(round(t)) for t in vals]
+
+
 def check_same_batch(a, b, name_a: str, name_b: str, where: str):
     """``a`` and ``b`` must have the same leading (batch) size."""
     if jnp.shape(a)[0] != jnp.shape(b)[0]:

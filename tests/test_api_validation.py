@@ -53,6 +53,28 @@ def test_whole_float_t0_is_accepted_and_equals_the_int(problem):
         mr.rps(KEY, model, op, y, op.x_init(y), 1500.0, sampler=SAMPLER, n_steps=4, continuous=True)
 
 
+def test_t0_list_one_rule_for_every_command():
+    """``check_t0_list`` (the ``--t0`` list of demo, restore, restore --preset and restore-batch): whole numbers of
+    steps in [0, T], at least one; a float is refused unless whole (``restore_batch`` used to truncate 200.7 to 200)."""
+    from mapreps_jax.batch_restore import check_t0s
+    from mapreps_jax.validation import check_t0_list
+
+    got = check_t0_list([0, 200.0, np.int64(400), np.float32(1000), jnp.asarray(7)], 1000, "x")
+    assert got == [0, 200, 400, 1000, 7] and all(type(t) is int for t in got)
+    for bad, shown in [([0, 200.7], "200.7"), ([0, 1001], "1001"), ([-1], "-1"), ([True], "True"),
+                       ([float("nan")], "nan"), ([0, "a"], "'a'"), ([[1, 2]], "[1, 2]")]:
+        with pytest.raises(ValueError, match=r"x: every t0 must be a whole number of steps in \[0, 1000\]") as e:
+            check_t0_list(bad, 1000, "x")
+        assert f"(not allowed: [{shown}])" in str(e.value), str(e.value)
+    for bad in ([], ()):
+        with pytest.raises(ValueError, match="x: expected at least one re-noising time t0, got none"):
+            check_t0_list(bad, 1000, "x")
+    with pytest.raises(ValueError, match="x: t0 must be a list"):
+        check_t0_list(200, 1000, "x")
+    with pytest.raises(ValueError, match=r"restore-batch: --t0: .*\(not allowed: \[200.7\]\)"):
+        check_t0s([0, 200.7], 1000)
+
+
 @pytest.mark.parametrize("kwargs,msg", [
     (dict(n_iter=0), "n_iter .* must be >= 1, got 0"),
     (dict(n_iter=2.5), "n_iter .* must be a whole number"),

@@ -25,7 +25,6 @@ import mapreps_jax.checkpoint_io as checkpoint_io
 import mapreps_jax.testbed as testbed_mod
 from mapreps_jax.cli import main
 from mapreps_jax.networks import torch_pickle
-from mapreps_jax.networks.convert import convert_command
 
 
 def _run(capsys, argv):
@@ -219,7 +218,7 @@ def test_write_output_set_into_new_and_empty_folders_with_umask_modes(tmp_path):
     (["--n-images", "0"], "n_images must be >= 1"),
     (["--n-images", "501"], "at most 500"),
     (["--steps", "0"], "stage2_steps must be >= 1"),
-    (["--t0", "0,1001"], "every t0 must be in [0, 1000]"),
+    (["--t0", "0,1001"], "every t0 must be a whole number of steps in [0, 1000], got [0, 1001] (not allowed: [1001])"),
     (["--tasks", "sr4,sr4"], "distinct"),
 ])
 def test_demo_impossible_values_fail_before_computing(tmp_path, capsys, no_compute, extra, msg):

@@ -175,7 +175,7 @@ def test_one_stage2_program_serves_every_task_and_t0(quick_demo):
 
 
 @pytest.mark.parametrize("args,msg", [(["--tasks", "sr4,colorize"], "unknown task 'colorize'"),
-                                      (["--t0", "0,2000"], "t0 must be in [0, 1000]"),
+                                      (["--t0", "0,2000"], "demo: every t0 must be a whole number of steps in [0, 1000]"),
                                       (["--n-images", "0"], "n_images must be >= 1"),
                                       (["--latent-steps", "0"], "latent_stage2_steps must be >= 1")])
 def test_demo_bad_input(tmp_path, capsys, args, msg):

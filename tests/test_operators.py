@@ -14,7 +14,7 @@ import scipy.linalg
 import jax
 import jax.numpy as jnp
 
-from mapreps_jax.operators import (DEFAULT_PINV_RCOND, TASKS, Operator, bicubic_matrix, fwht, gaussian_kernel,
+from mapreps_jax.operators import (DEFAULT_PINV_RCOND, TASKS, bicubic_matrix, fwht, gaussian_kernel,
                                    make_operator, motion_kernel)
 
 _rng = np.random.default_rng(1234)

@@ -11,7 +11,7 @@ import pytest
 
 import mapreps_jax as mr
 from mapreps_jax.networks.registry import ModelNotFoundError
-from mapreps_jax.presets import PRESETS, Preset, get_preset, load_preset_model, preset_help, restore_with_preset
+from mapreps_jax.presets import PRESETS, get_preset, load_preset_model, preset_help, restore_with_preset
 
 # name: (task, operator kwargs, sigma_y after the code's doubling, N, lr, w, zeta, t0 list), from the text
 EXPECTED = {
@@ -164,4 +164,10 @@ def test_restore_cli_with_a_preset_on_a_converted_network(tmp_path, capsys):
     rc = main(["restore", "--preset", "ffhq-sr4", "--model", model_dir, "--input", str(tmp_path / "x.png"),
                "--t0", "0", "--out", str(out)])
     assert rc == 2 and "expected a 256x256 image with 3 channel(s), got 16x16" in capsys.readouterr().err
+    assert not out.exists()
+    # and a t0 outside the network's [0, 1000] is refused before the model is read
+    rc = main(["restore", "--preset", "ffhq-sr4", "--model", str(tmp_path / "nope"), "--input",
+               str(tmp_path / "x.png"), "--t0", "0,1200", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--t0: every t0 must be a whole number of steps in [0, 1000]" in err and "checkpoint" not in err
     assert not out.exists()

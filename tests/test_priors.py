@@ -43,7 +43,6 @@ def ref_mixture_eps(x, a, weights, means, covs):
     """-sqrt(1-a) grad log sum_k w_k N(x; sqrt(a) mu_k, a S_k + (1-a) I), by jax.grad in float64.
     ``means``: [K, d] or per-row [B, K, d]; ``weights``: [K] or [B, K]."""
     x, weights, means, covs = (f64(v) for v in (x, weights, means, covs))
-    d = x.shape[1]
     if means.ndim == 2:
         means = np.broadcast_to(means, (x.shape[0],) + means.shape)
         weights = np.broadcast_to(weights, (x.shape[0],) + weights.shape)
@@ -462,7 +461,7 @@ ISO = dict(s=1.3, l=np.array([2.0, 0.7, 0.2]), d=5, sigma=0.2)
 
 
 def _iso_problem():
-    s, l, d, sigma = ISO["s"], ISO["l"], ISO["d"], ISO["sigma"]
+    s, l, d = ISO["s"], ISO["l"], ISO["d"]
     U = np.linalg.qr(np.asarray(jax.random.normal(jax.random.PRNGKey(36), (3, 3)), np.float64))[0]
     V = np.linalg.qr(np.asarray(jax.random.normal(jax.random.PRNGKey(37), (d, d)), np.float64))[0]
     A = U @ np.diag(l) @ V[:, :3].T  # [3, 5], singular values l, two null directions

@@ -196,5 +196,5 @@ def test_t0_out_of_range_fails_before_the_model_is_loaded(tmp_path, inputs, monk
     rc = main(["restore-batch", "--inputs", inputs, "--out", str(tmp_path / "o"), "--task", "sr4", "--t0", "0,1001",
                "--quiet"])
     err = capsys.readouterr().err
-    assert rc == 2 and "--t0 values must be in [0, 1000], got [1001]" in err, err
+    assert rc == 2 and "restore-batch: --t0: every t0 must be a whole number of steps in [0, 1000], got [0, 1001] (not allowed: [1001])" in err, err
     assert not (tmp_path / "o").exists()

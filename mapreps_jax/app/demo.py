@@ -57,6 +57,7 @@ from .digits import DEMO_TASKS, LATENT_TASKS, dps_zeta, latent_zeta, make_task, 
 from ..map_rps import dp_sweep, network_calls, rps_jit
 from ..map_stage import MAPConfig
 from ..metrics import rmse
+from ..validation import check_t0_list
 from ..operators import stack_operators
 from ..rng import image_keys
 from ..samplers import DPSStep, PSLDStep
@@ -110,12 +111,8 @@ class DemoConfig:
                 raise ValueError(f"demo: unknown task {t!r}; expected one of {list(DEMO_TASKS)}")
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"demo: tasks must be distinct, got {list(tasks)}")
-        for t in self.t0:
-            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-                raise ValueError(f"demo: t0 must be integers in [0, {T}], got {list(self.t0)}")
-        t0 = tuple(sorted({0} | {int(t) for t in self.t0}))  # t0 = 0 (the MAP estimate) is always shown
-        if not t0 or t0[0] < 0 or t0[-1] > T:
-            raise ValueError(f"demo: every t0 must be in [0, {T}], got {list(self.t0)}")
+        # t0 = 0 (the MAP estimate) is always shown, so an empty list is the MAP estimate alone
+        t0 = tuple(sorted({0, *check_t0_list(tuple(self.t0) or (0,), T, "demo")}))
         if self.space not in SPACES:
             raise ValueError(f"demo: space must be one of {list(SPACES)}, got {self.space!r}")
         for name in ("n_images", "n_iter", "stage2_steps", "red_diff_steps", "seed", "latent_n_iter",

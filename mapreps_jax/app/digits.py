@@ -60,6 +60,7 @@ from ..map_rps import dp_sweep
 from ..map_stage import MAPConfig
 from ..operators import make_operator
 from ..samplers import DPSStep
+from ..validation import check_t0_list
 
 __all__ = ["DEMO_TASKS", "RESTORE_TASKS", "TaskPreset", "LATENT_TASKS", "LatentTaskPreset", "latent_zeta", "make_task", "restore", "restore_image", "restore_files",
            "check_restore_args", "is_restore_file", "read_gray_png", "png_bytes", "IMAGE_SHAPE", "dps_zeta",
@@ -249,13 +250,7 @@ def check_restore_args(task: str, t0s: Sequence[int], *, mask_path: Optional[str
 
     if task not in RESTORE_TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {list(RESTORE_TASKS)}")
-    t0s = list(t0s)
-    if not t0s:
-        raise ValueError("--t0: expected at least one re-noising time")
-    if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in t0s):
-        raise ValueError(f"--t0 values must be integers in [0, {T}], got {t0s}")
-    if any(t < 0 or t > T for t in t0s):
-        raise ValueError(f"--t0 values must be in [0, {T}], got {t0s}")
+    check_t0_list(t0s, T, "--t0")
     if stage2_steps is not None and (isinstance(stage2_steps, bool)
                                      or not isinstance(stage2_steps, (int, np.integer)) or stage2_steps < 1):
         raise ValueError(f"--steps (Stage-2 steps K) must be a positive integer, got {stage2_steps!r}")
