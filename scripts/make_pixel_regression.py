@@ -14,9 +14,17 @@ commit predates)::
 (re-recorded that way when the package added ``--xla_cpu_use_fusion_emitters=false``: the old code's own outputs
 moved by up to 8.7e-5 on ``adm_map``, 2.3e-6 on ``adm_red_diff`` and below 1.5e-6 elsewhere; and again when it added
 ``--xla_backend_optimization_level=1``: up to 2.4e-5 on ``adm_map``, 4.4e-6 on ``adm_red_diff``, below 4e-7 on the
-other ADM cases, the GMM cases bitwise unchanged)
+other ADM cases, the GMM cases bitwise unchanged).
+
+The script computes on ONE CPU (:func:`pin_to_one_cpu`, before JAX creates its CPU client). XLA:CPU splits work by
+its thread count, and the split changes float32 rounding: ``adm_map`` moves by 4.1e-5 between one and two threads,
+``adm_red_diff`` by 4.7e-6, the other ADM cases by up to 2e-7, the GMM cases not at all. One thread makes the
+recording and the check independent of the machine's core count. (Re-recorded that way, old commit, the flags above:
+the file before was made on two threads, and its check failed ``adm_map`` on one. Today's code on one CPU gives the
+old commit's numbers bit for bit.)
 """
 
+import os
 import sys
 
 import jax
@@ -80,7 +88,21 @@ def cases():
     return out
 
 
+def pin_to_one_cpu():
+    """Restrict this process to one of its CPUs, so XLA:CPU runs single-threaded (its thread pool is sized by the
+    process's CPU affinity). Must run before JAX's first computation. ``RuntimeError`` where the OS has no
+    ``sched_setaffinity`` (the numbers would then depend on the core count)."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise RuntimeError("make_pixel_regression: needs os.sched_setaffinity (Linux) to compute on one CPU")
+    from jax._src import xla_bridge
+
+    if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
+        raise RuntimeError("make_pixel_regression: JAX's CPU client exists already; pin before computing")
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+
 def main(path):
+    pin_to_one_cpu()
     arrays = {name: np.asarray(f()) for name, f in cases().items()}
     np.savez_compressed(path, **arrays)
     print(f"wrote {len(arrays)} arrays to {path}")

@@ -55,7 +55,8 @@ def test_restore_simulated_and_observed(digit_png, tmp_path, capsys):
     (["--task", "sr4", "--input", "missing.png"], "not found"),
     (["--task", "sr4", "--observed", "--input", "digit.png"], "expected a 8x8 image"),
     (["--task", "inpaint_mask", "--input", "digit.png"], "needs --mask"),
-    (["--task", "deblur", "--input", "digit.png", "--t0", "0,5000"], "must be in"),
+    (["--task", "deblur", "--input", "digit.png", "--t0", "0,5000"],
+     "--t0: every t0 must be a whole number of steps in [0, 1000], got [0, 5000]"),
 ])
 def test_restore_bad_input_clear_error_no_output(digit_png, tmp_path, capsys, args, msg):
     out = tmp_path / "out"
