@@ -34,8 +34,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = 1e-5
 
 
-def _worker(devices, *args):
+def _worker(devices, *args, fast_compile=False):
     env = dict(os.environ)
+    if fast_compile:  # XLA backend optimisation level 0 (see sharded_results)
+        env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
     # this process's XLA_FLAGS carry the package's single-device CPU flag (added at import); the child asks for its
     # devices and lets the package decide again
     env["XLA_FLAGS"] = (xla_cpu.without_flag(env.get("XLA_FLAGS", ""))
@@ -49,7 +51,12 @@ def _worker(devices, *args):
 
 @pytest.fixture(scope="module")
 def sharded_results():
-    return _worker(8)
+    """The 8-device comparisons compile with JAX's ``jax_disable_most_optimizations`` (LLVM at level 0): what they
+    test, the partitioning of the batch, keys and operator data over the devices, is XLA's SPMD partitioner, an HLO
+    pass that runs at every level, and both sides of each comparison compile alike. Measured in the worker alone,
+    idle: 37 s -> 21 s, largest sharded / single-device difference 1.1e-6 -> 2.4e-6 (the bound is 1e-5). The
+    miscompile guard below compiles as users do."""
+    return _worker(8, fast_compile=True)
 
 
 def test_xla_cpu_miscompile_regression():
