@@ -41,7 +41,10 @@ def outputs(tmp_path_factory):
     if not hasattr(os, "sched_setaffinity"):
         pytest.skip("needs os.sched_setaffinity (Linux) to compute on one CPU, as the recording did")
     path = tmp_path_factory.mktemp("pixel_regression") / "today.npz"
-    run = subprocess.run([sys.executable, SCRIPT, str(path)], capture_output=True, text=True)
+    # the child imports this checkout's package (the one under test), whatever the environment has installed
+    root = os.path.dirname(HERE)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    run = subprocess.run([sys.executable, SCRIPT, str(path)], capture_output=True, text=True, env=env)
     if run.returncode:
         pytest.fail(f"make_pixel_regression.py exited with {run.returncode}:\n{run.stderr[-3000:]}")
     return np.load(path)
