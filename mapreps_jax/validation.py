@@ -153,9 +153,14 @@ def check_t0_list(t0s, T: int, where: str) -> list:
     if not vals:
         raise ValueError(f"{where}: expected at least one re-noising time t0, got none")
 
-    def ok(t):
-        return (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t == round(t)
-                and 0 <= t <= T)
+    def ok(t):  # check_t0's rule for one value; a bool, a string or a nested list is not a number of steps
+        if concrete_value(t) is None:
+            return False
+        try:
+            check_t0(t, T, where)
+        except (TypeError, ValueError):
+            return False
+        return True
 
     bad = [t for t in vals if not ok(t)]
     if bad:

@@ -57,10 +57,10 @@ from .digits import DEMO_TASKS, LATENT_TASKS, dps_zeta, latent_zeta, make_task, 
 from ..map_rps import dp_sweep, network_calls, rps_jit
 from ..map_stage import MAPConfig
 from ..metrics import rmse
-from ..validation import check_t0_list
 from ..operators import stack_operators
 from ..rng import image_keys
 from ..samplers import DPSStep, PSLDStep
+from ..validation import check_t0_list
 
 __all__ = ["DemoConfig", "QUICK", "FD_MIN_IMAGES", "DEMO_FILES", "run_demo", "write_demo", "demo_figures",
            "dp_curve_figure", "figure_png", "nfe_budget", "is_demo_file", "dumps_json", "tradeoff_summary"]
