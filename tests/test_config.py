@@ -56,3 +56,27 @@ def test_jit_takes_a_config_as_an_argument_and_grad_flows_through_leaves():
     f(Toy(a=3.0, n=2), 1.5)
     assert traces["n"] == 2
     assert float(jax.grad(lambda a: f(Toy(a=a), 2.0))(1.0)) == pytest.approx(8.0)
+
+
+# each network config and the fields that do not change its parameters or function (left out of the architecture)
+NETWORK_CONFIGS = [(mr.networks.adm.ADMConfig.ffhq256(), {"dtype", "remat", "dropout"}),
+                   (mr.networks.sd_unet.SDUNetConfig(), {"dtype", "remat"}),
+                   (mr.networks.autoencoder.AutoencoderConfig(), {"dtype", "remat"})]
+
+
+@pytest.mark.parametrize("cfg,not_architecture", NETWORK_CONFIGS, ids=lambda c: type(c).__name__)
+def test_network_config_dict_form(cfg, not_architecture):
+    """The networks' configs share one dict form (``networks/config_dict.py``): JSON round trip to an equal, equally
+    hashed config; tuples as lists; the architecture dict leaves out exactly the class's non-architecture fields;
+    an unknown field is refused with the class's name and the field."""
+    import json
+
+    d = cfg.to_dict()
+    assert not any(isinstance(v, tuple) for v in d.values())
+    back = type(cfg).from_dict(json.loads(json.dumps(d)))
+    assert back == cfg and hash(back) == hash(cfg)
+    arch = cfg.architecture_dict()
+    assert set(d) - set(arch) == not_architecture
+    assert dataclasses.replace(cfg, remat=not cfg.remat).architecture_dict() == arch
+    with pytest.raises(ValueError, match=rf"{type(cfg).__name__}\.from_dict: unknown fields \['bogus'\]"):
+        type(cfg).from_dict({**d, "bogus": 1})

@@ -42,6 +42,7 @@ import numpy as np
 from ..diffusion import Schedule, make_schedule
 from ..model import ScoreModel
 from .conv import conv_general_dilated
+from .config_dict import DictConfig
 
 __all__ = [
     "ADMConfig",
@@ -57,7 +58,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 
 @dataclasses.dataclass(frozen=True)
-class ADMConfig:
+class ADMConfig(DictConfig):
     """Static hyper-parameters of the ADM UNet (the guided-diffusion ``create_model`` arguments).
 
     Attributes:
@@ -84,6 +85,8 @@ class ADMConfig:
         softmax, the time embedding and the output head are computed in float32, as guided-diffusion's fp16 mode).
       remat: wrap each block in ``jax.checkpoint`` (recompute activations on the backward pass).
     """
+
+    NON_ARCHITECTURE = ("dtype", "remat", "dropout")  # DictConfig.architecture_dict leaves these out
 
     image_size: int = 256
     in_channels: int = 3
@@ -194,27 +197,6 @@ class ADMConfig:
     def min_size(self) -> int:
         """Input height/width must be a multiple of this (``2 ** (levels - 1)``)."""
         return 2 ** (len(self.channel_mult) - 1)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["attention_resolutions"] = list(self.attention_resolutions)
-        d["channel_mult"] = list(self.channel_mult)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ADMConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"ADMConfig.from_dict: unknown fields {unknown}")
-        return cls(**d)
-
-    def architecture_dict(self) -> dict:
-        """The fields that determine the parameter tree and the function (not ``dtype``/``remat``/``dropout``)."""
-        d = self.to_dict()
-        for k in ("dtype", "remat", "dropout"):
-            d.pop(k)
-        return d
 
 
 # ---------------------------------------------------------------------------------------------------------------

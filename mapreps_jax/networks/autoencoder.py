@@ -118,6 +118,7 @@ from jax import lax
 
 from .. import rng as _rng
 from .adm import GroupNorm32
+from .config_dict import DictConfig
 from .conv import conv_general_dilated
 from .layouts import (fmt_list, is_float_array, path_names, set_path, to_flax, to_torch_state_dict,
                       torch_shape)
@@ -150,7 +151,7 @@ def _is_int(v) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class AutoencoderConfig:
+class AutoencoderConfig(DictConfig):
     """Static hyper-parameters of a first-stage autoencoder (names follow diffusers' ``config.json``).
 
     Attributes:
@@ -285,26 +286,6 @@ class AutoencoderConfig:
     @property
     def compute_dtype(self):
         return _DTYPES[self.dtype]
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["block_out_channels"] = list(self.block_out_channels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "AutoencoderConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"AutoencoderConfig.from_dict: unknown fields {unknown} (known: {sorted(names)})")
-        return cls(**d)
-
-    def architecture_dict(self) -> dict:
-        """The fields that determine the parameters and the function (all but ``dtype`` / ``remat``)."""
-        d = self.to_dict()
-        for k in ("dtype", "remat"):
-            d.pop(k)
-        return d
 
     @classmethod
     def from_diffusers(cls, config: Mapping, kind: Optional[str] = None, **overrides) -> "AutoencoderConfig":

@@ -92,6 +92,7 @@ import flax.linen as nn
 import numpy as np
 
 from .adm import GroupNorm32
+from .config_dict import DictConfig
 from .conv import conv_general_dilated
 from .layouts import from_torch, layout_of, path_names, to_torch_state_dict, torch_shape
 
@@ -125,7 +126,7 @@ def _is_real(v) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class SDUNetConfig:
+class SDUNetConfig(DictConfig):
     """Static hyper-parameters of :class:`SDUNet` (diffusers' ``UNet2DConditionModel`` field names and semantics).
 
     Attributes:
@@ -277,28 +278,6 @@ class SDUNetConfig:
     @property
     def compute_dtype(self):
         return _DTYPES[self.dtype]
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        for k, v in d.items():
-            if isinstance(v, tuple):
-                d[k] = list(v)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SDUNetConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"SDUNetConfig.from_dict: unknown fields {unknown} (known: {sorted(names)})")
-        return cls(**dict(d))
-
-    def architecture_dict(self) -> dict:
-        """The fields that determine the parameters and the function (``to_dict`` without ``dtype``/``remat``)."""
-        d = self.to_dict()
-        d.pop("dtype")
-        d.pop("remat")
-        return d
 
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any], dtype: str = "float32", remat: bool = False) -> "SDUNetConfig":
