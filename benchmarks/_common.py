@@ -162,8 +162,10 @@ def time_interleaved(cands, reps):
 
 
 def flops_of(fn, *args):
-    """FLOPs of ``jit(fn)(*args)`` by XLA's cost analysis of the compiled program (``None`` where not reported)."""
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    """FLOPs by XLA's cost analysis of a compiled program (``None`` where not reported): ``fn`` is the compiled
+    executable that is timed (``jitted.lower(...).compile()``, e.g. from :func:`compile_ahead`: nothing is compiled
+    again), or a function, then jitted and compiled for ``args``."""
+    cost = (fn if hasattr(fn, "cost_analysis") else jax.jit(fn).lower(*args).compile()).cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     f = (cost or {}).get("flops")

@@ -3,7 +3,8 @@
 Measures, per image (batch 1, 256x256x3), on the same machine in the same run:
 
 * forward time and forward + VJP time (the gradient of ``<eps(x, t), g>`` with respect to ``x``: the DPS /
-  MAP-RPS back-propagation pattern), JAX (jit, after a warm-up call) vs torch (``eval()``, autograd on ``x``);
+  MAP-RPS back-propagation pattern), JAX (each program compiled once, ahead: ``compile_s``; that executable is
+  timed, cost-analysed and memory-analysed) vs torch (``eval()``, autograd on ``x``);
 * JAX bfloat16 vs float32;
 * peak temporary memory of the compiled forward + VJP from XLA's ``compile().memory_analysis()``, with and
   without rematerialisation (``ADMConfig.remat``);
@@ -25,7 +26,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import (RESULTS, finish_result, flops_of, import_torch_reference, jax_fwd_vjp,  # noqa: E402
+from _common import (RESULTS, compile_ahead, finish_result, flops_of, import_torch_reference, jax_fwd_vjp,  # noqa: E402
                      jax_over_torch, machine_info, matmul_reference, time_interleaved, torch_fwd_vjp, torch_info,
                      tree_bytes, vjp_residual_bytes, xla_memory)
 from torch_reference import nchw  # noqa: E402
@@ -42,13 +43,12 @@ def _apply(cfg, t):
     return lambda p, x: adm_apply(cfg, p, x, t)
 
 
-def roofline(cfg, params, x, g, t, med, mm_flops, target: float = 0.7) -> dict:
-    """GFLOP/s of the float32 forward and forward + VJP (FLOPs: XLA's cost analysis of the compiled JAX programs; the
-    torch reference does the same arithmetic) for JAX and torch, against the same-run matmul chain's rate; and the
-    rate ``target`` x torch's time would need (``needed_fraction_of_matmul`` above 1: beyond what a matmul reaches)."""
-    apply = _apply(cfg, t)
-    flops = {"forward": flops_of(apply, params, x),
-             "forward_vjp": flops_of(lambda p, xx, gg: jax.vjp(lambda v: apply(p, v), xx)[1](gg)[0], params, x, g)}
+def roofline(compiled, med, mm_flops, target: float = 0.7) -> dict:
+    """GFLOP/s of the float32 forward and forward + VJP (FLOPs: XLA's cost analysis of the timed JAX executables
+    ``compiled``; the torch reference does the same arithmetic) for JAX and torch, against the same-run matmul chain's
+    rate; and the rate ``target`` x torch's time would need (``needed_fraction_of_matmul`` above 1: beyond what a
+    matmul reaches)."""
+    flops = {kind: flops_of(compiled[f"jax_float32_{kind}"]) for kind in ("forward", "forward_vjp")}
     mm_rate = mm_flops / med["matmul_reference"] / 1e9
     out = {"matmul_gflop_per_s": mm_rate, "target_over_torch": target}
     for kind, f in flops.items():
@@ -89,14 +89,17 @@ def main(argv=None):
     def block(o):
         return jax.block_until_ready(o)
 
-    # --- the candidates: each is (name, zero-arg callable); JAX compiles in its first (warm-up) call -------------
-    cands, outputs = {}, {}
-    for dtype in ("float32", "bfloat16"):
-        fwd, vjp = jax_fwd_vjp(_apply(dataclasses.replace(cfg, dtype=dtype), t))
-        cands[f"jax_{dtype}_forward"] = lambda fwd=fwd: block(fwd(params, x))
-        cands[f"jax_{dtype}_forward_vjp"] = lambda vjp=vjp: block(vjp(params, x, g))
-    _, vjp_remat = jax_fwd_vjp(_apply(dataclasses.replace(cfg, remat=True), t))
-    cands["jax_float32_remat_forward_vjp"] = lambda: block(vjp_remat(params, x, g))
+    # --- the candidates: each is (name, zero-arg callable); each JAX program compiled once, ahead (its seconds in
+    # compile_s), and that executable is timed, cost-analysed (roofline) and memory-analysed (memory) -----------
+    cands, outputs, compiled = {}, {}, {}
+    res["compile_s"] = {}
+    for dtype, remat in (("float32", False), ("bfloat16", False), ("float32", True)):
+        fwd, vjp = jax_fwd_vjp(_apply(dataclasses.replace(cfg, dtype=dtype, remat=remat), t))
+        progs = {"forward_vjp": (vjp, (params, x, g))} if remat else {"forward": (fwd, (params, x)),
+                                                                       "forward_vjp": (vjp, (params, x, g))}
+        for kind, (fn, fn_args) in progs.items():
+            name = f"jax_{dtype}{'_remat' if remat else ''}_{kind}"
+            compiled[name], cands[name] = compile_ahead(fn, fn_args, name, res["compile_s"], outputs)
     mm, mm_args, mm_flops = matmul_reference()
     cands["matmul_reference"] = lambda: block(mm(*mm_args))
 
@@ -116,7 +119,7 @@ def main(argv=None):
     if "torch_float32_forward" in med:
         res["ratio_jax_over_torch"] = jax_over_torch(med)
         print(f"ratio jax/torch: {res['ratio_jax_over_torch']}", flush=True)
-    res["roofline"] = roofline(cfg, params, x, g, t, med, mm_flops)
+    res["roofline"] = roofline(compiled, med, mm_flops)
     res["ratio_bf16_over_fp32"] = {
         "forward": med["jax_bfloat16_forward"] / med["jax_float32_forward"],
         "forward_vjp": med["jax_bfloat16_forward_vjp"] / med["jax_float32_forward_vjp"]}
@@ -129,14 +132,11 @@ def main(argv=None):
         "+VJP; on the CPU backend its temp size does not reflect rematerialisation (a plain matmul-chain test gives "
         "the same temp size with and without jax.checkpoint), so use the residual bytes there.")
     for remat in (False, True):
-        apply = _apply(dataclasses.replace(cfg, remat=remat), t)
-        _, vjp = jax_fwd_vjp(apply)
-        entry = {"vjp_residual_bytes": vjp_residual_bytes(apply, params, x),
-                 "xla_memory_analysis": xla_memory(vjp, params, x, g)}
+        entry = {"vjp_residual_bytes": vjp_residual_bytes(_apply(dataclasses.replace(cfg, remat=remat), t), params, x),
+                 "xla_memory_analysis": xla_memory(compiled[f"jax_float32{'_remat' if remat else ''}_forward_vjp"])}
         res["memory"]["remat" if remat else "no_remat"] = entry
         print(f"memory (remat={remat}): {entry}", flush=True)
-    fwd, _ = jax_fwd_vjp(_apply(cfg, t))
-    res["memory"]["forward_only_xla_memory_analysis"] = xla_memory(fwd, params, x)
+    res["memory"]["forward_only_xla_memory_analysis"] = xla_memory(compiled["jax_float32_forward"])
 
     path = os.path.join(args.out, f"adm_{backend}.json")
     finish_result(res, path)
