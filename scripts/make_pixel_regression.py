@@ -22,6 +22,11 @@ its thread count, and the split changes float32 rounding: ``adm_map`` moves by 4
 recording and the check independent of the machine's core count. (Re-recorded that way, old commit, the flags above:
 the file before was made on two threads, and its check failed ``adm_map`` on one. Today's code on one CPU gives the
 old commit's numbers bit for bit.)
+
+The rounding also differs between kinds of CPU (instruction set, e.g. AVX-512 or AVX2): each kind has its own
+recording, made this way on that kind, listed in ``tests/test_pixel_regression.py`` (``RECORDINGS``, by vendor, CPU
+family and AVX-512): ``pixel_regression.npz`` on the AMD EPYC Zen 4 machines, ``pixel_regression_amd_family23.npz`` on
+an AMD EPYC of family 23 (AVX2, 2026-12-01).
 """
 
 import os
