@@ -186,3 +186,22 @@ def test_demo_bad_input(tmp_path, capsys, args, msg):
     assert rc == 2
     assert msg in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_cpu_model_names_the_generation():
+    """metrics.json's ``machine.cpu`` (and the benchmarks' ``cpu_model``) names the CPU family, model number and
+    vector instruction set beside the model name, which on a virtual machine ("AMD EPYC") does not tell apart CPUs of
+    different speed and float32 rounding."""
+    from mapreps_jax.app.demo import cpu_model
+
+    if not os.path.exists("/proc/cpuinfo"):
+        pytest.skip("no /proc/cpuinfo")
+    with open("/proc/cpuinfo") as f:
+        first = f.read().split("\n\n")[0]
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first.splitlines())}
+    got = cpu_model()
+    assert got.startswith(fields["model name"])
+    assert f"family {fields['cpu family']}, model {fields['model']}" in got
+    flags = fields["flags"].split()
+    assert ("AVX-512" in got) == ("avx512f" in flags)
+    assert ("AVX2" in got) == ("avx2" in flags and "avx512f" not in flags)

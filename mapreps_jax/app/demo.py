@@ -322,18 +322,30 @@ def tradeoff_summary(points: list, outputs, truth, n_se: float = 2.0) -> dict:
 
 
 def cpu_model():
-    """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` or ``None`` where there is none); also
-    used by the benchmarks (``benchmarks/_common.py``)."""
+    """The CPU from ``/proc/cpuinfo``: its model name with its family, model number and widest vector instruction set,
+    e.g. ``"AMD EPYC (family 25, model 17, AVX-512)"`` (a virtual machine's model name alone, such as ``"AMD EPYC"``,
+    does not tell its generations apart, whose speed and float32 rounding differ); ``platform.processor()`` or
+    ``None`` where there is no such file. Also used by the benchmarks (``benchmarks/_common.py``)."""
     import platform
 
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor's block
+                key, _, val = line.partition(":")
+                info[key.strip().lower()] = val.strip()
     except OSError:
         pass
-    return platform.processor() or None
+    if "model name" not in info:
+        return platform.processor() or None
+    flags = info.get("flags", "").split()
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    extra = [f"family {info['cpu family']}" if "cpu family" in info else None,
+             f"model {info['model']}" if "model" in info else None, isa]
+    extra = [e for e in extra if e]
+    return info["model name"] + (f" ({', '.join(extra)})" if extra else "")
 
 
 def machine_info() -> dict:
