@@ -73,12 +73,9 @@ def fusion_kernels(hlo_text: str) -> dict:
     return {"fusions": len(called), "distinct": len(distinct)}
 
 
-def runtime_effect(batch: int, reps: int) -> dict:
-    """Compile seconds and median run seconds of the demo's repeated steps under each of :data:`VARIANTS` (module
-    doc), and their ratios to ``package``."""
-    from mapreps_jax.app.pretrained import load_default_latent, load_default_prior
-
-    pm, lm = load_default_prior(), load_default_latent()
+def runtime_effect(pm, lm, batch: int, reps: int) -> dict:
+    """Compile seconds and median run seconds of the demo's repeated steps on the pixel prior ``pm`` and the latent
+    model ``lm`` under each of :data:`VARIANTS` (module doc), and their ratios to ``package``."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, 32, 32, 1)).astype(np.float32))
     z = jnp.asarray(rng.standard_normal((batch,) + lm.space.state_shape((32, 32, 1))).astype(np.float32))
@@ -140,6 +137,7 @@ def main(argv=None):
     from mapreps_jax.app.demo import QUICK, run_demo
     from mapreps_jax.app.pretrained import load_default_latent, load_default_prior
 
+    pm, lm = load_default_prior(), load_default_latent()  # the demo's and the run-time part's models
     captured, original = [], compiler.backend_compile_and_load
 
     def recording(backend, module, devices, options, host_callbacks):
@@ -156,8 +154,8 @@ def main(argv=None):
     try:
         cfg = dataclasses.replace(QUICK, space=args.space)
         t0 = time.perf_counter()
-        demo = run_demo(load_default_prior() if args.space != "latent" else None, cfg,
-                        latent_model=load_default_latent() if args.space != "pixel" else None)
+        demo = run_demo(pm if args.space != "latent" else None, cfg,
+                        latent_model=lm if args.space != "pixel" else None)
         demo_s = time.perf_counter() - t0
     finally:
         compiler.backend_compile_and_load = original
@@ -166,10 +164,10 @@ def main(argv=None):
     devices = xc.DeviceList(tuple(jax.devices()[:1]))
     totals = collections.defaultdict(lambda: [0.0, 0.0])
     for variant, how in VARIANTS.items():  # variants one after the other, each over every program
+        opts = compiler.get_compile_options(num_replicas=1, num_partitions=1,
+                                            device_assignment=np.array([[jax.devices()[0].id]]),
+                                            env_options_overrides={k: str(v) for k, v in how.items()})
         for p in captured:
-            opts = compiler.get_compile_options(num_replicas=1, num_partitions=1,
-                                                device_assignment=np.array([[jax.devices()[0].id]]),
-                                                env_options_overrides={k: str(v) for k, v in how.items()})
             _, wall, cpu = _timed_compile(lambda: backend.compile_and_load(p["_module"], devices, opts))
             p.setdefault("recompile_s", {})[variant] = [round(wall, 3), round(cpu, 3)]
             totals[variant][0] += wall
@@ -177,7 +175,7 @@ def main(argv=None):
         print(f"recompiled every program, {variant}: {totals[variant][0]:.1f} s wall, {totals[variant][1]:.1f} s CPU",
               flush=True)
 
-    runtime = runtime_effect(len(cfg.tasks) * cfg.n_images, args.reps)
+    runtime = runtime_effect(pm, lm, len(cfg.tasks) * cfg.n_images, args.reps)
     programs = [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in p.items() if k != "_module"}
                 for p in captured]
     in_demo = [sum(p["compile_s"] for p in captured), sum(p["compile_cpu_s"] for p in captured)]

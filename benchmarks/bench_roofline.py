@@ -75,8 +75,8 @@ def main(argv=None):
         print(f"{name:36s} {0 if f is None else f / 1e9:9.2f} GFLOP {med:8.3f} s "
               f"{0 if rate is None else rate:7.1f} GFLOP/s ({0 if rate is None else rate / ref_rate:.0%} of matmul)")
     res["note"] = ("gflop: XLA cost analysis of the timed executable (forward: apply; forward_vjp: apply's output and "
-                   "the input VJP); compile_s: its compile seconds (compiled ahead, once); fraction_of_matmul: achieved GFLOP/s over the same-run "
-                   "2048^2 float32 matmul chain's")
+                   "the input VJP); compile_s: its compile seconds (compiled ahead, once); fraction_of_matmul: "
+                   "achieved GFLOP/s over the same-run 2048^2 float32 matmul chain's")
     finish_result(res, os.path.join(args.out, f"roofline_{info['backend']}.json"))
 
 

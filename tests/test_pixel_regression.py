@@ -44,15 +44,13 @@ CASES = sorted(np.load(os.path.join(HERE, "data", RECORDINGS[("AuthenticAMD", 25
 
 
 def cpu_kind():
-    """``(vendor, CPU family, AVX-512)`` of this host from ``/proc/cpuinfo`` (``None`` where it cannot be read)."""
-    info = {}
+    """``(vendor, CPU family, AVX-512)`` of this host (``None`` where ``/proc/cpuinfo`` does not say)."""
+    from mapreps_jax.app.demo import cpu_info
+
+    info = cpu_info()
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, val = line.partition(":")
-                info.setdefault(key.strip(), val.strip())
         return info["vendor_id"], int(info["cpu family"]), "avx512f" in info["flags"].split()
-    except (OSError, KeyError, ValueError):
+    except (KeyError, ValueError):
         return None
 
 

@@ -321,13 +321,9 @@ def tradeoff_summary(points: list, outputs, truth, n_se: float = 2.0) -> dict:
             "rmse_rise": float(d.mean()), "rmse_rise_se": rise_se, "error_bar_se": n_se, "resolved": bool(resolved)}
 
 
-def cpu_model():
-    """The CPU from ``/proc/cpuinfo``: its model name with its family, model number and widest vector instruction set,
-    e.g. ``"AMD EPYC (family 25, model 17, AVX-512)"`` (a virtual machine's model name alone, such as ``"AMD EPYC"``,
-    does not tell its generations apart, whose speed and float32 rounding differ); ``platform.processor()`` or
-    ``None`` where there is no such file. Also used by the benchmarks (``benchmarks/_common.py``)."""
-    import platform
-
+def cpu_info() -> dict:
+    """The first processor's fields of ``/proc/cpuinfo`` (keys lower-cased, e.g. ``"vendor_id"``, ``"cpu family"``,
+    ``"model"``, ``"model name"``, ``"flags"``); ``{}`` where there is no such file."""
     info = {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -338,6 +334,17 @@ def cpu_model():
                 info[key.strip().lower()] = val.strip()
     except OSError:
         pass
+    return info
+
+
+def cpu_model():
+    """The CPU from :func:`cpu_info`: its model name with its family, model number and widest vector instruction set,
+    e.g. ``"AMD EPYC (family 25, model 17, AVX-512)"`` (a virtual machine's model name alone, such as ``"AMD EPYC"``,
+    does not tell its generations apart, whose speed and float32 rounding differ); ``platform.processor()`` or
+    ``None`` where there is no such file. Also used by the benchmarks (``benchmarks/_common.py``)."""
+    import platform
+
+    info = cpu_info()
     if "model name" not in info:
         return platform.processor() or None
     flags = info.get("flags", "").split()
