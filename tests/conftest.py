@@ -66,15 +66,34 @@ jax.monitoring.register_event_listener(_count_cache_event)
 jax.monitoring.register_event_duration_secs_listener(_count_cache_duration)
 
 
+# Under xdist the tests run in worker processes: each sends its counts back (``workeroutput``) and the controller adds
+# them up, so the summary covers the whole run, not only the controller (which runs no test).
+_WORKER_EVENTS = {}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    for k, v in getattr(node, "workeroutput", {}).get("xla_cache_events", {}).items():
+        _WORKER_EVENTS[k] = _WORKER_EVENTS.get(k, 0) + v
+
+
 def pytest_terminal_summary(terminalreporter):
-    """The persistent cache's use in this process (hits, misses, compile seconds saved), for the suite-time budget."""
-    if _CACHE_EVENTS:
-        terminalreporter.write_line("XLA compilation cache (this process): " + ", ".join(
+    """The persistent cache's use (hits, misses, compile seconds saved) in this process and its xdist workers, for
+    the suite-time budget."""
+    total = dict(_WORKER_EVENTS)
+    for k, v in _CACHE_EVENTS.items():
+        total[k] = total.get(k, 0) + v
+    if total:
+        where = "this process and its workers" if _WORKER_EVENTS else "this process"
+        terminalreporter.write_line(f"XLA compilation cache ({where}): " + ", ".join(
             f"{k.rsplit('/', 1)[-1]} {v:.1f}" if isinstance(v, float) else f"{k.rsplit('/', 1)[-1]} {v}"
-            for k, v in sorted(_CACHE_EVENTS.items())))
+            for k, v in sorted(total.items())))
 
 
 def pytest_sessionfinish(session, exitstatus):
+    out = getattr(session.config, "workeroutput", None)
+    if out is not None:  # an xdist worker: hand the counts to the controller
+        out["xla_cache_events"] = dict(_CACHE_EVENTS)
     if _OWN_CACHE:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
