@@ -22,18 +22,18 @@ ADM (batch 64), medians of interleaved repetitions:
 * ``rel_err``: ``max |Winograd - direct| / max |direct|`` of the forward outputs (float32; ``F(4, 3)``'s larger
   transform coefficients cost accuracy).
 
-``--parts ffhq`` times the whole FFHQ-256 ADM (random weights, batch 1; section ``ffhq_network`` of the file): its forward and
-forward + input VJP with every 3x3 stride-1 convolution through ``F(m, 3)`` (kernels transformed inside the
-program, as a drop-in convolution must; the input gradient as the Winograd convolution of the flipped, in/out-swapped
-kernel, the kernel gradient by the direct rule) against the library's direct convolutions, their output difference,
-and the time of the kernel transforms alone (what precomputed Winograd-domain weights would save).
+``--parts ffhq`` times the whole FFHQ-256 ADM (random weights, batch 1; section ``ffhq_network`` of the file): its
+forward and forward + input VJP with every 3x3 stride-1 convolution through ``F(m, 3)`` (kernels transformed inside
+the program, as a drop-in convolution must; the input gradient as the Winograd convolution of the flipped,
+in/out-swapped kernel, the kernel gradient by the direct rule) against the library's direct convolutions, their
+output difference, and the time of the kernel transforms alone (what precomputed Winograd-domain weights would save).
 
 Writes ``benchmarks/results/winograd_cpu.json``.
 
     python benchmarks/bench_winograd.py [--parts shapes,ffhq] [--reps 5] [--m 4] [--ffhq-reps 3] [--out PATH]
 
-Each part writes its own entries of the file (``shapes`` the top level, ``ffhq`` the section), atomically; run them
-as separate commands.
+Each part writes its own entries of the file (``shapes`` the top level, ``ffhq`` the section), atomically, keeping
+the other part's.
 """
 import argparse
 import contextlib
@@ -51,6 +51,8 @@ import numpy as np  # noqa: E402
 
 import mapreps_jax.networks.conv as conv_module  # noqa: E402
 from mapreps_jax.networks.conv import conv_general_dilated  # noqa: E402
+
+_DN = ("NHWC", "HWIO", "NHWC")
 
 # Lavin & Gray (2016): B^T (input tile), G (kernel), A^T (output tile), for m = 2 and m = 4.
 WINOGRAD = {
@@ -107,7 +109,7 @@ def winograd_conv(x, u, m):
 
 
 def direct_conv(x, w):
-    return conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_DN)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -123,8 +125,8 @@ def _winograd_layer_bwd(m, res, g):
     x, w = res
     dx = winograd_conv(g, kernel_transform(jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3), m), m)
     # the kernel gradient by the plain XLA convolution (not through the module's swapped ``_conv``)
-    _, pull_w = jax.vjp(lambda ww: jax.lax.conv_general_dilated(x, ww, (1, 1), ((1, 1), (1, 1)),
-                                                                dimension_numbers=("NHWC", "HWIO", "NHWC")), w)
+    _, pull_w = jax.vjp(lambda ww: jax.lax.conv_general_dilated(x, ww, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_DN),
+                        w)
     return dx, pull_w(g)[0]
 
 
@@ -215,7 +217,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--parts", default="shapes", help="comma-separated: shapes (one convolution per shape), ffhq "
                    "(the whole FFHQ-256 ADM, section ffhq_network)")
-    p.add_argument("--m", type=int, default=4, choices=sorted(WINOGRAD), help="output tile of --ffhq's F(m, 3)")
+    p.add_argument("--m", type=int, default=4, choices=sorted(WINOGRAD), help="output tile of the ffhq part's F(m, 3)")
     p.add_argument("--ffhq-reps", type=int, default=3)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                  "winograd_cpu.json"))
